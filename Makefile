@@ -1,0 +1,27 @@
+# The two commands of the README. Both install into a local virtual environment first.
+#   make demo   - K-FAC vs SGD on the digits data, 2 CPU processes
+#   make test   - the test suite
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# A pinned CPU build keeps the install small and reproducible; the package itself takes a range.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+demo: install
+	$(PY) examples/digits_demo.py
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,120 @@
+"""Structural K-FAC options, fixed for the life of a preconditioner.
+
+Hyperparameters that may change from step to step (damping, update intervals, decay, KL clip)
+live on the preconditioner itself; everything here decides shapes, placement or dtypes and is
+validated once, at construction.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from lightning_kfac.engine.validation import (
+    check_choice,
+    check_float_dtype,
+    check_fraction,
+    check_positive_float,
+)
+
+INVERSE_METHODS = ("eigen", "cholesky")
+ASSIGNMENT_COSTS = ("compute", "memory")
+
+
+@dataclass(frozen=True)
+class KFACConfig:
+    """Validated structural options of :class:`~lightning_kfac.KFACPreconditioner`.
+
+    Args:
+        inverse_method: ``"eigen"`` (eigendecomposition, exact damped Kronecker inverse) or
+            ``"cholesky"`` (factored Tikhonov damping, cheaper decomposition).
+        factor_dtype: dtype the factors are accumulated, averaged and stored in.
+        inverse_dtype: dtype the decompositions run in and are kept in (float32 or float64).
+        skip_layers: module names or regular expressions (``re.fullmatch`` on the qualified
+            name, or on the class name) of layers to leave to the plain gradient.
+        grad_worker_fraction: fraction of ranks that precondition each layer (KAISA). ``1``:
+            every rank (decompositions are broadcast, "COMM-OPT"); ``1/world_size``: only the
+            owner (preconditioned gradients are broadcast, "MEM-OPT"); between: groups.
+        assignment_cost: what the greedy owner assignment balances, ``"compute"`` (n^3 per
+            factor) or ``"memory"`` (n^2 per factor).
+        split_factors: let A and G of one layer have different owners (finer balance); only
+            with ``grad_worker_fraction=1``.
+        bucket_cap_mb: upper bound of one fused collective, in MiB.
+        comm_dtype: dtype factors travel in (e.g. bfloat16); accumulation stays in
+            ``factor_dtype``. ``None`` sends ``factor_dtype``.
+        symmetric_comm: send symmetric factors as upper triangles (about half the bytes).
+    """
+
+    inverse_method: str = "eigen"
+    factor_dtype: torch.dtype = torch.float32
+    inverse_dtype: torch.dtype = torch.float32
+    skip_layers: tuple[str, ...] = field(default_factory=tuple)
+    grad_worker_fraction: float = 1.0
+    assignment_cost: str = "compute"
+    split_factors: bool = False
+    bucket_cap_mb: float = 25.0
+    comm_dtype: torch.dtype | None = None
+    symmetric_comm: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "inverse_method", check_choice("inverse_method", self.inverse_method, INVERSE_METHODS))
+        set_(self, "factor_dtype", check_float_dtype("factor_dtype", self.factor_dtype))
+        set_(
+            self,
+            "inverse_dtype",
+            check_float_dtype("inverse_dtype", self.inverse_dtype, (torch.float32, torch.float64)),
+        )
+        set_(self, "skip_layers", _check_patterns(self.skip_layers))
+        set_(self, "grad_worker_fraction", check_fraction("grad_worker_fraction", self.grad_worker_fraction))
+        set_(self, "assignment_cost", check_choice("assignment_cost", self.assignment_cost, ASSIGNMENT_COSTS))
+        if not isinstance(self.split_factors, bool):
+            raise TypeError(f"split_factors must be a bool, got {self.split_factors!r}")
+        if self.split_factors and self.grad_worker_fraction != 1.0:
+            raise ValueError(
+                "split_factors=True needs grad_worker_fraction=1 (every rank preconditions, so "
+                f"both halves of a layer reach every rank); got grad_worker_fraction={self.grad_worker_fraction}"
+            )
+        set_(self, "bucket_cap_mb", check_positive_float("bucket_cap_mb", self.bucket_cap_mb))
+        if self.comm_dtype is not None:
+            set_(self, "comm_dtype", check_float_dtype("comm_dtype", self.comm_dtype))
+        if not isinstance(self.symmetric_comm, bool):
+            raise TypeError(f"symmetric_comm must be a bool, got {self.symmetric_comm!r}")
+
+    @property
+    def bucket_cap_bytes(self) -> int:
+        return max(1, int(self.bucket_cap_mb * 1024 * 1024))
+
+    def grad_workers_per_layer(self, world_size: int) -> int:
+        """Number of ranks that precondition each layer; must divide ``world_size``. On one
+        process every fraction means the same single worker."""
+        if world_size == 1:
+            return 1
+        workers = self.grad_worker_fraction * world_size
+        rounded = round(workers)
+        if rounded < 1 or abs(workers - rounded) > 1e-6 or world_size % rounded != 0:
+            allowed = ", ".join(f"{d}/{world_size}" for d in range(1, world_size + 1) if world_size % d == 0)
+            raise ValueError(
+                f"grad_worker_fraction={self.grad_worker_fraction} gives {workers:g} gradient workers per "
+                f"layer on world_size={world_size}; it must give a whole number that divides the world "
+                f"size. Allowed here: {allowed}"
+            )
+        return rounded
+
+
+def _check_patterns(patterns: Any) -> tuple[str, ...]:
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"skip_layers must be a list of module names or regular expressions, got {patterns!r}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"skip_layers entry {pattern!r} is not a valid regular expression: {err}") from None
+    return tuple(patterns)

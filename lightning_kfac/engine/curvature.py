@@ -1,0 +1,113 @@
+"""Pure functions on tensors: running averages, damped decompositions, preconditioning and
+KL clipping, exactly as ``shared/CONVENTIONS.md`` defines them.
+
+Nothing here knows about modules, ranks or Lightning; each function is tested against an
+explicit Kronecker solve.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def running_average(running: Tensor | None, batch: Tensor, decay: float) -> Tensor:
+    """First update replaces; later ``decay * running + (1 - decay) * batch``.
+
+    A non-finite batch factor (NaN/Inf from an overflowed step) leaves the running value as it
+    was, decided on the device without a host synchronisation.
+    """
+    if running is None:
+        return batch.clone()
+    updated = torch.lerp(batch, running, decay) if decay > 0 else batch.clone()
+    return torch.where(torch.isfinite(batch).all(), updated, running)
+
+
+# --- eigen -----------------------------------------------------------------------------------
+def eigen_decompose(factor: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(Q, d) with factor = Q diag(d) Q^T; negative round-off eigenvalues are clamped to 0."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(factor.to(dtype))
+    # eigh returns column-major storage; a row-major copy makes every rank's matmuls (owner's
+    # and receivers' of the broadcast copy) take the same kernel path, so results agree bitwise
+    return eigenvectors.contiguous(), eigenvalues.clamp_(min=0.0)
+
+
+def eigen_inverse_denominator(d_g: Tensor, d_a: Tensor, damping: float) -> Tensor:
+    """1 / (d_G d_A^T + lambda): precomputed once per inversion, used every step."""
+    return torch.outer(d_g, d_a).add_(damping).reciprocal_()
+
+
+def eigen_precondition(grad: Tensor, q_a: Tensor, q_g: Tensor, inv_denominator: Tensor) -> Tensor:
+    """Q_G [(Q_G^T V Q_A) / (d_G d_A^T + lambda)] Q_A^T = (G (x) A + lambda I)^-1 vec(V)."""
+    rotated = q_g.T @ grad @ q_a
+    return q_g @ (rotated * inv_denominator) @ q_a.T
+
+
+# --- cholesky (factored Tikhonov) ------------------------------------------------------------
+def tikhonov_pi(a: Tensor, g: Tensor) -> Tensor:
+    """pi = sqrt((tr(A)/dim A) / (tr(G)/dim G)), computed on the device (no host sync)."""
+    mean_a = torch.diagonal(a).mean()
+    mean_g = torch.diagonal(g).mean()
+    tiny = torch.finfo(a.dtype).tiny
+    return torch.sqrt(mean_a.clamp(min=tiny) / mean_g.clamp(min=tiny))
+
+
+def damped_cholesky_inverses(a: Tensor, g: Tensor, damping: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(A + pi sqrt(l) I)^-1 and (G + sqrt(l)/pi I)^-1 via Cholesky factorisations."""
+    a = a.to(dtype)
+    g = g.to(dtype)
+    pi = tikhonov_pi(a, g)
+    root = math.sqrt(damping)
+    a_inv = _spd_inverse(a, pi * root)
+    g_inv = _spd_inverse(g, root / pi)
+    return a_inv, g_inv
+
+
+def _spd_inverse(matrix: Tensor, shift: Tensor) -> Tensor:
+    shifted = matrix + shift * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(shifted))
+    # exactly symmetric, from its upper triangle: what a receiver unpacks after a packed broadcast
+    return inverse.triu() + inverse.triu(1).T
+
+
+def cholesky_precondition(grad: Tensor, a_inv: Tensor, g_inv: Tensor) -> Tensor:
+    """(G + sqrt(l)/pi I)^-1 V (A + pi sqrt(l) I)^-1."""
+    return g_inv @ grad @ a_inv
+
+
+# --- KL clipping -----------------------------------------------------------------------------
+def kl_clip_scale(vg_sum: Tensor, lr: float, kl_clip: float) -> Tensor:
+    """nu = min(1, sqrt(kl_clip / (lr^2 sum <V', V>))), as a 0-dim tensor (no host sync)."""
+    denominator = (vg_sum.abs() * (lr * lr)).clamp(min=torch.finfo(vg_sum.dtype).tiny)
+    return torch.sqrt(kl_clip / denominator).clamp(max=1.0)
+
+
+# --- symmetric packing -----------------------------------------------------------------------
+_TRIU_CACHE: dict[tuple[int, str], Tensor] = {}
+
+
+def triu_flat_indices(n: int, device: torch.device) -> Tensor:
+    """Flat indices of the upper triangle (diagonal included) of an n x n matrix."""
+    key = (n, str(device))
+    cached = _TRIU_CACHE.get(key)
+    if cached is None:
+        rows, cols = torch.triu_indices(n, n, device=device)
+        cached = rows * n + cols
+        _TRIU_CACHE[key] = cached
+    return cached
+
+
+def pack_symmetric(matrix: Tensor) -> Tensor:
+    """The n(n+1)/2 upper-triangle values of a symmetric matrix."""
+    n = matrix.shape[0]
+    return matrix.reshape(-1)[triu_flat_indices(n, matrix.device)]
+
+
+def unpack_symmetric(values: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`pack_symmetric`."""
+    flat = values.new_zeros(n * n)
+    flat[triu_flat_indices(n, values.device)] = values
+    upper = flat.reshape(n, n)
+    return upper + upper.triu(1).T

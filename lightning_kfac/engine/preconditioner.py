@@ -1,0 +1,785 @@
+"""KFACPreconditioner: one K-FAC step, in the order of ``shared/ARCHITECTURE.md``.
+
+    forward hook   -> a rows of the layer input      -> sum of a a^T
+    tensor hook    -> output gradient rows gy         -> sum of B gy gy^T
+    step():
+      factor update  (every factor_update_freq steps) local factors -> reduced to owners
+                                                      -> owners' running averages
+      inversion      (every inv_update_freq steps)    owners decompose, damping applied
+                                                      -> broadcast to the layer's grad workers
+      precondition   (every step)                     grad workers: V' from V = p.grad
+                                                      -> broadcast to the other ranks
+      KL clip, V' written into p.grad; any torch optimizer then steps.
+
+Usable in a plain loop (``loss.backward(); preconditioner.step(); optimizer.step()``); the
+Lightning strategy drives the same object.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+import weakref
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from lightning_kfac.distributed.assignment import LayerShape, WorkPlan
+from lightning_kfac.distributed.comm import Communicator, PendingCollective, all_ranks_agree_min, world_info
+from lightning_kfac.engine import curvature
+from lightning_kfac.engine.config import KFACConfig
+from lightning_kfac.engine.layers import KFACLayer, make_layer
+from lightning_kfac.engine.validation import (
+    check_decay,
+    check_optional_positive_float,
+    check_positive_float,
+    check_positive_int,
+)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class _LayerState:
+    layer: KFACLayer
+    handles: list[Any] = field(default_factory=list)
+    # accumulated over the hook firings of one factor-update step
+    a_sum: Tensor | None = None
+    a_rows: int = 0
+    g_sum: Tensor | None = None
+    g_calls: int = 0
+    # owner's running averages
+    running_a: Tensor | None = None
+    running_g: Tensor | None = None
+    # grad worker's decomposition (eigen: q, d, inverse denominator; cholesky: inverses)
+    q_a: Tensor | None = None
+    d_a: Tensor | None = None
+    q_g: Tensor | None = None
+    d_g: Tensor | None = None
+    inv_denominator: Tensor | None = None
+    a_inv: Tensor | None = None
+    g_inv: Tensor | None = None
+
+    def clear_batch(self) -> None:
+        self.a_sum = None
+        self.a_rows = 0
+        self.g_sum = None
+        self.g_calls = 0
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    name: str
+    kind: str
+    reason: str
+
+
+class KFACPreconditioner:
+    """Kronecker-factored preconditioning of every supported layer of ``model``.
+
+    Args:
+        model: the module to precondition (hooks go on its ``nn.Linear`` and ``nn.Conv2d``).
+        damping: Tikhonov damping lambda > 0, applied at each inversion.
+        factor_update_freq: steps between factor updates.
+        inv_update_freq: steps between inversions (decompositions).
+        factor_decay: running-average decay in [0, 1).
+        kl_clip: KL-clip bound (None disables it); needs the learning rate, see :meth:`step`.
+        lr: default learning rate for KL clipping when :meth:`step` is not given one.
+        config: structural options (:class:`KFACConfig`); or pass its fields as keywords.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        damping: float = 1e-3,
+        factor_update_freq: int = 1,
+        inv_update_freq: int = 10,
+        factor_decay: float = 0.95,
+        kl_clip: float | None = 1e-3,
+        lr: float | Callable[[], float] | None = None,
+        config: KFACConfig | None = None,
+        **config_kwargs: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if config is not None and config_kwargs:
+            raise TypeError(f"pass either config or its fields as keywords, not both: {sorted(config_kwargs)}")
+        try:
+            self.config = config if config is not None else KFACConfig(**config_kwargs)
+        except TypeError as err:
+            if "unexpected keyword" in str(err):
+                allowed = ", ".join(KFACConfig.__dataclass_fields__)
+                raise TypeError(f"{err}; KFACPreconditioner options are: {allowed}") from None
+            raise
+        if self.config.split_factors and self.config.inverse_method == "cholesky":
+            raise ValueError(
+                "split_factors=True is only available with inverse_method='eigen' (the factored "
+                "Tikhonov damping of 'cholesky' needs A and G on one rank)"
+            )
+        self.damping = damping
+        self.factor_update_freq = factor_update_freq
+        self.inv_update_freq = inv_update_freq
+        self.factor_decay = factor_decay
+        self.kl_clip = kl_clip
+        self.lr = lr
+        #: correction for losses divided by the number of accumulated micro-batches (Lightning)
+        self.accumulation_steps = 1
+        #: when False the hooks record nothing (evaluation loops, sanity checks)
+        self.recording = True
+
+        self.steps = 0
+        self._removed = False
+        self.rank, self.world_size = world_info()
+        self._layers: dict[str, _LayerState] = {}
+        self.skipped: list[SkippedLayer] = []
+        self._register(model)
+
+        self._plan: WorkPlan | None = None
+        self._comm: Communicator | None = None
+        self._has_factors = False
+        self._has_inverse = False
+        self._inverse_damping: float | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self.last_kl_scale: Tensor | None = None
+        self.timings_ms: dict[str, float] = {"factors": 0.0, "inverse": 0.0, "precondition": 0.0}
+        self.step_bytes = 0
+        self._bytes_before_step = 0
+
+    # ---------------------------------------------------------------------------------------
+    # hyperparameters (may change between steps)
+    @property
+    def damping(self) -> float:
+        return self._damping
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        self._damping = check_positive_float("damping", value)
+
+    @property
+    def factor_update_freq(self) -> int:
+        return self._factor_update_freq
+
+    @factor_update_freq.setter
+    def factor_update_freq(self, value: int) -> None:
+        self._factor_update_freq = check_positive_int("factor_update_freq", value)
+
+    @property
+    def inv_update_freq(self) -> int:
+        return self._inv_update_freq
+
+    @inv_update_freq.setter
+    def inv_update_freq(self, value: int) -> None:
+        self._inv_update_freq = check_positive_int("inv_update_freq", value)
+
+    @property
+    def factor_decay(self) -> float:
+        return self._factor_decay
+
+    @factor_decay.setter
+    def factor_decay(self, value: float) -> None:
+        self._factor_decay = check_decay("factor_decay", value)
+
+    @property
+    def kl_clip(self) -> float | None:
+        return self._kl_clip
+
+    @kl_clip.setter
+    def kl_clip(self, value: float | None) -> None:
+        self._kl_clip = check_optional_positive_float("kl_clip", value)
+
+    # ---------------------------------------------------------------------------------------
+    # registration and hooks
+    def _register(self, model: nn.Module) -> None:
+        patterns = [re.compile(p) for p in self.config.skip_layers]
+        matched = [False] * len(patterns)
+        seen: set[int] = set()
+        for name, module in model.named_modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            layer, reason = make_layer(name, module)
+            if layer is None and reason is None:
+                continue
+            hits = [i for i, p in enumerate(patterns) if p.fullmatch(name) or p.fullmatch(type(module).__name__)]
+            for i in hits:
+                matched[i] = True
+            if hits:
+                self.skipped.append(SkippedLayer(name, type(module).__name__, "matched skip_layers"))
+                continue
+            if layer is None:
+                self.skipped.append(SkippedLayer(name, type(module).__name__, reason or ""))
+                continue
+            state = _LayerState(layer)
+            state.handles.append(module.register_forward_hook(self._make_forward_hook(state)))
+            self._layers[name] = state
+        for pattern, hit in zip(self.config.skip_layers, matched):
+            if not hit:
+                warnings.warn(f"skip_layers pattern {pattern!r} matched no supported layer", stacklevel=3)
+        if not self._layers:
+            warnings.warn(
+                f"{type(model).__name__} has no layer K-FAC can precondition (nn.Linear, nn.Conv2d); "
+                "gradients pass through unchanged",
+                stacklevel=3,
+            )
+
+    def _recording_now(self, module: nn.Module) -> bool:
+        return (
+            self.recording
+            and module.training
+            and torch.is_grad_enabled()
+            and self.steps % self._factor_update_freq == 0
+        )
+
+    def _make_forward_hook(self, state: _LayerState) -> Callable:
+        # the model's hook table must not keep a discarded preconditioner alive
+        owner = weakref.ref(self)
+
+        def forward_hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            pre = owner()
+            if pre is None or not pre._recording_now(module) or not inputs or not isinstance(output, Tensor):
+                return
+            x = inputs[0]
+            if not isinstance(x, Tensor):
+                return
+            layer = state.layer
+            with torch.no_grad(), _autocast_off(x):
+                rows = layer.input_rows(x.detach()).to(pre.config.factor_dtype)
+                a = rows.T @ rows
+                state.a_sum = a if state.a_sum is None else state.a_sum.add_(a)
+                state.a_rows += rows.shape[0]
+            if output.requires_grad:
+                batch = layer.batch_size(x)
+                output.register_hook(_make_output_grad_hook(state, batch, pre.config.factor_dtype))
+
+        return forward_hook
+
+    def remove(self) -> None:
+        """Remove every hook; :meth:`step` then leaves gradients as they are."""
+        self._removed = True
+        for state in self._layers.values():
+            for handle in state.handles:
+                handle.remove()
+            state.handles.clear()
+            state.clear_batch()
+
+    def __del__(self) -> None:  # the hooks hold only a weak reference back
+        try:
+            self.remove()
+        except Exception:
+            pass
+
+    # ---------------------------------------------------------------------------------------
+    # introspection
+    @property
+    def layers(self) -> dict[str, KFACLayer]:
+        return {name: state.layer for name, state in self._layers.items()}
+
+    @property
+    def plan(self) -> WorkPlan | None:
+        return self._plan
+
+    def factors(self) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+        """The running (A, G) of every layer, as far as this rank holds them (owners only)."""
+        return {name: (s.running_a, s.running_g) for name, s in self._layers.items()}
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        return dict(self._comm.bytes_by_kind) if self._comm is not None else {}
+
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes this rank holds: running factors, decompositions, and the factor total of a
+        fully replicated scheme for comparison."""
+        itemsize = self.config.factor_dtype.itemsize
+        replicated = sum((s.layer.a_dim**2 + s.layer.g_dim**2) * itemsize for s in self._layers.values())
+        factors = decompositions = 0
+        for state in self._layers.values():
+            for t in (state.running_a, state.running_g):
+                factors += t.numel() * t.element_size() if t is not None else 0
+            for t in (state.q_a, state.d_a, state.q_g, state.d_g, state.inv_denominator, state.a_inv, state.g_inv):
+                decompositions += t.numel() * t.element_size() if t is not None else 0
+        return {"factors": factors, "decompositions": decompositions, "replicated_factors": replicated}
+
+    # ---------------------------------------------------------------------------------------
+    # the step
+    @torch.no_grad()
+    def step(self, lr: float | None = None, grad_scale: float | Tensor | None = None) -> None:
+        """Precondition the gradients in place. Call after backward (and after DDP's
+        all-reduce), before the optimizer step.
+
+        Args:
+            lr: learning rate for KL clipping (defaults to the constructor's ``lr``).
+            grad_scale: factor the output gradients were multiplied by (an AMP loss scale);
+                the G factors are divided by its square.
+        """
+        if not self._layers or self._removed:
+            self.steps += 1
+            return
+        if self._plan is None and not self._build_plan():
+            self.steps += 1
+            return
+        assert self._plan is not None
+        if self._comm is not None:
+            self._bytes_before_step = self._comm.total_bytes()
+
+        start = time.perf_counter()
+        if any(s.a_rows or s.g_calls for s in self._layers.values()):
+            self._update_factors(grad_scale)
+        factors_done = time.perf_counter()
+        if self._has_factors and self.steps % self._inv_update_freq == 0:
+            self._invert()
+        inverse_done = time.perf_counter()
+        if self._has_inverse:
+            self._precondition(lr)
+        end = time.perf_counter()
+
+        self.timings_ms = {
+            "factors": (factors_done - start) * 1e3,
+            "inverse": (inverse_done - factors_done) * 1e3,
+            "precondition": (end - inverse_done) * 1e3,
+        }
+        if self._comm is not None:
+            self.step_bytes = self._comm.total_bytes() - self._bytes_before_step
+        self.steps += 1
+
+    # --- plan ----------------------------------------------------------------------------------
+    def _build_plan(self) -> bool:
+        """On the first step that recorded anything: drop layers whose hooks never fired (on
+        any rank), then assign owners. Returns False when nothing was recorded yet."""
+        states = list(self._layers.values())
+        if not any(s.a_rows or s.g_calls for s in states):
+            return False
+        device = states[0].layer.weight.device
+        fired = torch.tensor([int(s.a_rows > 0 and s.g_calls > 0) for s in states], device=device)
+        fired = all_ranks_agree_min(fired).tolist()
+        silent = [s.layer.name for s, ok in zip(states, fired) if not ok]
+        for name in silent:
+            state = self._layers.pop(name)
+            for handle in state.handles:
+                handle.remove()
+            self.skipped.append(
+                SkippedLayer(name, state.layer.kind, "hooks never fired (used functionally?); plain gradient")
+            )
+        if silent:
+            warnings.warn(
+                f"K-FAC: the hooks of {', '.join(silent)} never fired in the first step (the module is "
+                "probably used functionally, e.g. MultiheadAttention.out_proj); these layers keep "
+                "their plain gradient",
+                stacklevel=3,
+            )
+        shapes = [LayerShape(name, s.layer.a_dim, s.layer.g_dim) for name, s in self._layers.items()]
+        grad_workers = self.config.grad_workers_per_layer(self.world_size)
+        self._plan = WorkPlan.build(
+            shapes, self.world_size, grad_workers, self.config.assignment_cost, self.config.split_factors
+        )
+        if self.world_size > 1:
+            self._comm = Communicator(self._plan, self.rank, self.config.bucket_cap_bytes)
+        if self._pending_state is not None:
+            pending, self._pending_state = self._pending_state, None
+            self._apply_state(pending)
+        return True
+
+    # --- factors -------------------------------------------------------------------------------
+    def _local_factors(self, state: _LayerState, grad_scale: float | Tensor | None) -> tuple[Tensor, Tensor]:
+        layer = state.layer
+        dtype = self.config.factor_dtype
+        device = layer.weight.device
+        if state.a_sum is None or state.a_rows == 0:
+            a = torch.zeros(layer.a_dim, layer.a_dim, dtype=dtype, device=device)
+        else:
+            a = state.a_sum.div_(state.a_rows)
+        if state.g_sum is None:
+            g = torch.zeros(layer.g_dim, layer.g_dim, dtype=dtype, device=device)
+        else:
+            g = state.g_sum
+            if self.accumulation_steps != 1:
+                g = g.mul_(self.accumulation_steps)
+            if grad_scale is not None:
+                g = g.div_(torch.as_tensor(grad_scale, dtype=dtype, device=device) ** 2)
+        return a, g
+
+    def _update_factors(self, grad_scale: float | Tensor | None) -> None:
+        plan = self._plan
+        assert plan is not None
+        local = {name: self._local_factors(s, grad_scale) for name, s in self._layers.items()}
+        for state in self._layers.values():
+            state.clear_batch()
+        decay = self._factor_decay if self._has_factors else 0.0
+
+        if self.world_size == 1:
+            for name, (a, g) in local.items():
+                state = self._layers[name]
+                state.running_a = curvature.running_average(state.running_a, a, decay)
+                state.running_g = curvature.running_average(state.running_g, g, decay)
+            self._has_factors = True
+            return
+
+        assert self._comm is not None
+        symmetric = self.config.symmetric_comm
+        wire = self.config.comm_dtype
+        pending: list[tuple[int, list[tuple[str, str, int]], PendingCollective]] = []
+        for owner in range(self.world_size):
+            keys: list[tuple[str, str, int]] = []
+            tensors: list[Tensor] = []
+            for name, (a, g) in local.items():
+                for which, factor, owners in (("a", a, plan.a_owner), ("g", g, plan.g_owner)):
+                    if owners[name] == owner:
+                        keys.append((name, which, factor.shape[0]))
+                        tensors.append(curvature.pack_symmetric(factor) if symmetric else factor)
+            if tensors:
+                pending.append((owner, keys, self._comm.reduce_to(owner, tensors, wire)))
+        for owner, keys, work in pending:
+            reduced = work.wait()
+            if owner != self.rank:
+                continue
+            for (name, which, n), value in zip(keys, reduced):
+                value = value.to(self.config.factor_dtype)
+                factor = curvature.unpack_symmetric(value, n) if symmetric else value
+                factor = factor.div_(self.world_size)
+                state = self._layers[name]
+                if which == "a":
+                    state.running_a = curvature.running_average(state.running_a, factor, decay)
+                else:
+                    state.running_g = curvature.running_average(state.running_g, factor, decay)
+        self._has_factors = True
+
+    # --- inversion -----------------------------------------------------------------------------
+    def _invert(self) -> None:
+        plan = self._plan
+        assert plan is not None
+        dtype = self.config.inverse_dtype
+        eigen = self.config.inverse_method == "eigen"
+        damping = self._damping
+        for name, state in self._layers.items():
+            if eigen:
+                if plan.a_owner[name] == self.rank:
+                    state.q_a, state.d_a = _safe_eigh(state.running_a, dtype)
+                if plan.g_owner[name] == self.rank:
+                    state.q_g, state.d_g = _safe_eigh(state.running_g, dtype)
+            elif plan.a_owner[name] == self.rank:
+                state.a_inv, state.g_inv = _safe_cholesky_inverses(state.running_a, state.running_g, damping, dtype)
+
+        if self._comm is not None and plan.grad_workers > 1:
+            self._broadcast_decompositions()
+
+        for name, state in self._layers.items():
+            if eigen and plan.is_grad_worker(name, self.rank):
+                state.inv_denominator = curvature.eigen_inverse_denominator(state.d_g, state.d_a, damping)
+        self._inverse_damping = damping
+        self._has_inverse = True
+
+    def _decomposition_entries(self, name: str, src: int) -> list[tuple[str, tuple[int, ...], bool]]:
+        """(attribute, wire shape, packed symmetric) of what ``src`` decomposed for ``name``."""
+        plan = self._plan
+        assert plan is not None
+        layer = self._layers[name].layer
+        n_a, n_g = layer.a_dim, layer.g_dim
+        entries: list[tuple[str, tuple[int, ...], bool]] = []
+        if self.config.inverse_method == "eigen":
+            if plan.a_owner[name] == src:
+                entries += [("q_a", (n_a, n_a), False), ("d_a", (n_a,), False)]
+            if plan.g_owner[name] == src:
+                entries += [("q_g", (n_g, n_g), False), ("d_g", (n_g,), False)]
+        elif plan.a_owner[name] == src:
+            entries += [("a_inv", (n_a * (n_a + 1) // 2,), True), ("g_inv", (n_g * (n_g + 1) // 2,), True)]
+        return entries
+
+    def _broadcast_decompositions(self) -> None:
+        """Each owner sends its decompositions to the other gradient workers of its block."""
+        plan = self._plan
+        assert plan is not None and self._comm is not None
+        dtype = self.config.inverse_dtype
+        device = next(iter(self._layers.values())).layer.weight.device
+        pending = []
+        for src in plan.worker_blocks()[plan.block_of(self.rank)]:
+            keys, tensors = [], []
+            for name, state in self._layers.items():
+                for attr, shape, packed in self._decomposition_entries(name, src):
+                    keys.append((name, attr, packed))
+                    if src == self.rank:
+                        value = getattr(state, attr)
+                        tensors.append(curvature.pack_symmetric(value) if packed else value)
+                    else:
+                        tensors.append(torch.empty(shape, dtype=dtype, device=device))
+            if tensors:
+                pending.append((src, keys, self._comm.broadcast_in_block(src, tensors)))
+        for src, keys, work in pending:
+            values = work.wait()
+            if src == self.rank:
+                continue
+            for (name, attr, packed), value in zip(keys, values):
+                state = self._layers[name]
+                if packed:
+                    n = state.layer.a_dim if attr == "a_inv" else state.layer.g_dim
+                    value = curvature.unpack_symmetric(value, n)
+                setattr(state, attr, value)
+
+    # --- preconditioning -----------------------------------------------------------------------
+    def _precondition(self, lr: float | None) -> None:
+        plan = self._plan
+        assert plan is not None
+        eigen = self.config.inverse_method == "eigen"
+        dtype = self.config.inverse_dtype
+        grads: dict[str, Tensor | None] = {name: s.layer.grad_matrix() for name, s in self._layers.items()}
+        preconditioned: dict[str, Tensor] = {}
+        for name, state in self._layers.items():
+            if not plan.is_grad_worker(name, self.rank):
+                continue
+            grad = grads[name]
+            if grad is None:
+                grad = torch.zeros(state.layer.g_dim, state.layer.a_dim, device=state.layer.weight.device)
+            v = grad.to(dtype)
+            if eigen:
+                out = curvature.eigen_precondition(v, state.q_a, state.q_g, state.inv_denominator)
+            else:
+                out = curvature.cholesky_precondition(v, state.a_inv, state.g_inv)
+            # a failed decomposition (non-finite) leaves this layer's plain gradient in place
+            out = torch.where(torch.isfinite(out).all(), out, v)
+            preconditioned[name] = out.to(grad.dtype)
+
+        if self._comm is not None and plan.grad_workers < self.world_size:
+            self._receive_gradients(grads, preconditioned)
+
+        scale: Tensor | None = None
+        if self._kl_clip is not None:
+            lr_value = self._resolve_lr(lr)
+            vg_sum = torch.zeros((), dtype=torch.float64, device=next(iter(preconditioned.values())).device)
+            for name in self._layers:  # one fixed order on every rank: bitwise-equal sums
+                grad = grads[name]
+                if grad is not None:
+                    vg_sum += (preconditioned[name].double() * grad.double()).sum()
+            scale = curvature.kl_clip_scale(vg_sum, lr_value, self._kl_clip)
+        self.last_kl_scale = scale
+
+        for name, out in preconditioned.items():
+            if grads[name] is None:
+                continue
+            if scale is not None:
+                out = out * scale.to(out.dtype)
+            self._layers[name].layer.write_grad(out)
+
+    def _receive_gradients(self, grads: dict[str, Tensor | None], preconditioned: dict[str, Tensor]) -> None:
+        plan = self._plan
+        assert plan is not None and self._comm is not None
+        position = self.rank % plan.grad_workers
+        pending = []
+        for src in range(position, self.world_size, plan.grad_workers):
+            names = [name for name in self._layers if plan.gradient_source(name, self.rank) == src]
+            if not names:
+                continue
+            if src == self.rank:
+                tensors = [preconditioned[name] for name in names]
+            else:
+                tensors = []
+                for name in names:
+                    layer = self._layers[name].layer
+                    grad = grads[name]
+                    dtype = grad.dtype if grad is not None else layer.weight.dtype
+                    tensors.append(torch.empty(layer.g_dim, layer.a_dim, dtype=dtype, device=layer.weight.device))
+            pending.append((src, names, self._comm.broadcast_in_receive_group(src, tensors)))
+        for src, names, work in pending:
+            values = work.wait()
+            if src != self.rank:
+                preconditioned.update(zip(names, values))
+
+    def _resolve_lr(self, lr: float | None) -> float:
+        if lr is None:
+            lr = self.lr() if callable(self.lr) else self.lr
+        if lr is None:
+            raise ValueError(
+                "kl_clip is set but no learning rate is known: pass lr to step(), or lr= to "
+                "KFACPreconditioner, or set kl_clip=None"
+            )
+        return float(lr)
+
+    # ---------------------------------------------------------------------------------------
+    # state
+    def state_dict(self) -> dict[str, Any]:
+        """Factors, decompositions, counters and hyperparameters (tensors and Python scalars).
+
+        Collective when distributed: every rank must call it; each returns the full state.
+        """
+        state: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "steps": self.steps,
+            "hyperparameters": {
+                "damping": self._damping,
+                "factor_update_freq": self._factor_update_freq,
+                "inv_update_freq": self._inv_update_freq,
+                "factor_decay": self._factor_decay,
+                "kl_clip": self._kl_clip,
+            },
+            "inverse_method": self.config.inverse_method,
+            "inverse_damping": self._inverse_damping,
+            "has_factors": self._has_factors,
+            "has_inverse": self._has_inverse,
+            "layers": {},
+        }
+        if self._plan is None:
+            if self._pending_state is not None:
+                return self._pending_state
+            return state
+        gathered = self._gather_layer_state()
+        state["layers"] = gathered
+        return state
+
+    def _layer_state_keys(self) -> list[str]:
+        keys = []
+        if self._has_factors:
+            keys += ["running_a", "running_g"]
+        if self._has_inverse:
+            keys += ["q_a", "d_a", "q_g", "d_g"] if self.config.inverse_method == "eigen" else ["a_inv", "g_inv"]
+        return keys
+
+    def _owner_of(self, name: str, key: str) -> int:
+        assert self._plan is not None
+        if key in ("running_a", "q_a", "d_a", "a_inv", "g_inv"):
+            return self._plan.a_owner[name]
+        return self._plan.g_owner[name]
+
+    def _gather_layer_state(self) -> dict[str, dict[str, Tensor]]:
+        keys = self._layer_state_keys()
+        out: dict[str, dict[str, Tensor]] = {name: {} for name in self._layers}
+        if self._comm is None:
+            for name, state in self._layers.items():
+                for key in keys:
+                    out[name][key] = getattr(state, key).clone()
+            return out
+        device = next(iter(self._layers.values())).layer.weight.device
+        pending = []
+        for src in range(self.world_size):
+            entries, tensors = [], []
+            for name, state in self._layers.items():
+                for key in keys:
+                    if self._owner_of(name, key) != src:
+                        continue
+                    shape, dtype = self._state_shape(state, key)
+                    entries.append((name, key))
+                    tensors.append(getattr(state, key) if src == self.rank else torch.empty(shape, dtype=dtype, device=device))
+            if tensors:
+                pending.append((entries, self._comm.broadcast_world(src, tensors)))
+        for entries, work in pending:
+            for (name, key), value in zip(entries, work.wait()):
+                out[name][key] = value.clone()
+        return out
+
+    def _state_shape(self, state: _LayerState, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        layer = state.layer
+        n = layer.a_dim if key in ("running_a", "q_a", "d_a", "a_inv") else layer.g_dim
+        if key.startswith("running"):
+            return (n, n), self.config.factor_dtype
+        if key.startswith("d_"):
+            return (n,), self.config.inverse_dtype
+        return (n, n), self.config.inverse_dtype
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, also one saved with another world size. Before the first
+        step the state is kept and applied once the work plan exists."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a lightning_kfac state (version {STATE_VERSION}): keys {sorted(state)[:8]}")
+        if state["inverse_method"] != self.config.inverse_method and state["has_inverse"]:
+            raise ValueError(
+                f"the state was saved with inverse_method={state['inverse_method']!r}, this preconditioner "
+                f"uses {self.config.inverse_method!r}"
+            )
+        hyper = state["hyperparameters"]
+        self.damping = hyper["damping"]
+        self.factor_update_freq = hyper["factor_update_freq"]
+        self.inv_update_freq = hyper["inv_update_freq"]
+        self.factor_decay = hyper["factor_decay"]
+        self.kl_clip = hyper["kl_clip"]
+        self.steps = int(state["steps"])
+        if self._plan is None:
+            self._pending_state = state
+            return
+        self._apply_state(state)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        plan = self._plan
+        assert plan is not None
+        layers = state["layers"]
+        unknown = sorted(set(layers) - set(self._layers))
+        if unknown:
+            warnings.warn(f"K-FAC state has layers this model does not precondition: {unknown}", stacklevel=3)
+        missing = sorted(set(self._layers) - set(layers))
+        if missing and layers:
+            warnings.warn(f"K-FAC state lacks layers {missing}; they start from fresh factors", stacklevel=3)
+        self._has_factors = bool(state["has_factors"]) and not missing
+        self._has_inverse = bool(state["has_inverse"]) and not missing
+        self._inverse_damping = state["inverse_damping"]
+        for name, saved in layers.items():
+            if name not in self._layers:
+                continue
+            layer_state = self._layers[name]
+            device = layer_state.layer.weight.device
+            for key, value in saved.items():
+                if key.startswith("running"):
+                    keep = self._owner_of(name, key) == self.rank
+                else:
+                    keep = plan.is_grad_worker(name, self.rank)
+                if keep:
+                    _, dtype = self._state_shape(layer_state, key)
+                    setattr(layer_state, key, value.to(device=device, dtype=dtype).clone())
+            if self._has_inverse and self.config.inverse_method == "eigen" and plan.is_grad_worker(name, self.rank):
+                layer_state.inv_denominator = curvature.eigen_inverse_denominator(
+                    layer_state.d_g, layer_state.d_a, self._inverse_damping
+                )
+
+
+# --- numerical fall-backs ---------------------------------------------------------------------
+def _safe_eigh(factor: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """eigh, retried in float64 with jitter; NaNs (which make the layer fall back to its plain
+    gradient) if both fail."""
+    assert factor is not None
+    try:
+        q, d = curvature.eigen_decompose(factor, dtype)
+        if bool(torch.isfinite(d).all()):
+            return q, d
+    except RuntimeError:
+        pass
+    try:
+        jitter = 1e-6 * factor.diagonal().abs().mean().clamp(min=1e-12)
+        eye = torch.eye(factor.shape[0], dtype=torch.float64, device=factor.device)
+        q, d = curvature.eigen_decompose(factor.double() + jitter.double() * eye, torch.float64)
+        return q.to(dtype), d.to(dtype)
+    except RuntimeError:
+        n = factor.shape[0]
+        nan = torch.full((n,), float("nan"), dtype=dtype, device=factor.device)
+        return torch.diag(nan), nan
+
+
+def _safe_cholesky_inverses(a: Tensor | None, g: Tensor | None, damping: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    assert a is not None and g is not None
+    try:
+        return curvature.damped_cholesky_inverses(a, g, damping, dtype)
+    except RuntimeError:
+        pass
+    try:
+        a_inv, g_inv = curvature.damped_cholesky_inverses(a.double(), g.double(), damping * 1.01 + 1e-12, torch.float64)
+        return a_inv.to(dtype), g_inv.to(dtype)
+    except RuntimeError:
+        nan_a = torch.full_like(a, float("nan"), dtype=dtype)
+        nan_g = torch.full_like(g, float("nan"), dtype=dtype)
+        return nan_a, nan_g
+
+
+def _make_output_grad_hook(state: _LayerState, batch: int, dtype: torch.dtype) -> Callable:
+    def output_grad_hook(grad: Tensor) -> None:
+        with torch.no_grad(), _autocast_off(grad):
+            rows = state.layer.output_grad_rows(grad.detach()).to(dtype)
+            g = torch.mm(rows.T, rows).mul_(batch)
+            state.g_sum = g if state.g_sum is None else state.g_sum.add_(g)
+            state.g_calls += 1
+
+    return output_grad_hook
+
+
+def _autocast_off(tensor: Tensor):
+    device_type = tensor.device.type
+    if device_type in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return nullcontext()
+

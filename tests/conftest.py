@@ -1,0 +1,32 @@
+import os
+import sys
+
+import pytest
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
+
+
+@pytest.fixture
+def clean_process_group():
+    """In-process Lightning runs initialise a (world size 1) process group; forked tests that
+    follow must not inherit it."""
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
+                     "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment for a launched script: without the rendezvous variables an in-process
+    Lightning run leaves behind (a child that inherits them joins the wrong process group)."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
+    env.update(PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    env.update(extra)
+    return env

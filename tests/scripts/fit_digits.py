@@ -1,0 +1,50 @@
+"""Fit the digits MLP with a given strategy and write each rank's final parameters to
+``<out>/rank<R>.pt``. Run as a script (Lightning's launcher re-executes it for every rank)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pytorch_lightning as pl
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
+
+import lightning_kfac  # noqa: E402,F401
+from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--strategy", default="kfac_ddp")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--max-steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    pl.seed_everything(0, verbose=False)
+    model = DigitsClassifier(lr=0.05)
+    trainer = pl.Trainer(
+        strategy=args.strategy,
+        accelerator="cpu",
+        devices=args.devices,
+        max_steps=args.max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=args.batch_size))
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.save({"params": params, "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}},
+               os.path.join(args.out, f"rank{trainer.global_rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Hooks record only training forwards, can be removed, leak nothing, and survive layers that
+are registered but never called as modules."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_kfac import KFACPreconditioner
+from tests.models import MLP
+
+
+def _backward(model: nn.Module, batch: int = 8) -> None:
+    x = torch.randn(batch, 64)
+    F.cross_entropy(model(x), torch.randint(0, 10, (batch,))).backward()
+
+
+def _recorded(pre: KFACPreconditioner) -> bool:
+    return any(s.a_rows or s.g_calls for s in pre._layers.values())
+
+
+def test_eval_mode_forward_records_nothing():
+    model = MLP()
+    pre = KFACPreconditioner(model)
+    model.eval()
+    _backward(model)
+    assert not _recorded(pre)
+    pre.step(lr=0.1)
+    assert all(a is None and g is None for a, g in pre.factors().values())
+
+
+def test_no_grad_forward_records_nothing():
+    model = MLP()
+    pre = KFACPreconditioner(model)
+    with torch.no_grad():
+        model(torch.randn(4, 64))
+    assert not _recorded(pre)
+    _backward(model)
+    assert _recorded(pre)
+
+
+def test_recording_flag_switches_hooks_off():
+    model = MLP()
+    pre = KFACPreconditioner(model)
+    pre.recording = False
+    _backward(model)
+    assert not _recorded(pre)
+
+
+def test_remove_removes_every_hook_and_gradients_stay_plain():
+    model = MLP()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    _backward(model)
+    pre.step()
+    pre.remove()
+    assert all(not m._forward_hooks for m in model.modules())
+    model.zero_grad()
+    _backward(model)
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert not _recorded(pre)
+    pre.step()
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+def test_discarded_preconditioner_is_collected_and_its_hooks_go():
+    model = MLP()
+    pre = KFACPreconditioner(model)
+    ref = weakref.ref(pre)
+    del pre
+    gc.collect()
+    assert ref() is None
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+class TinyAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, num_heads=2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(h.mean(1))
+
+
+def test_functional_out_proj_warns_once_and_trains():
+    torch.manual_seed(0)
+    model = TinyAttention()
+    pre = KFACPreconditioner(model, damping=0.01)
+    assert "attn.out_proj" in pre.layers  # registered: it is an nn.Linear
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 5, 8), torch.randint(0, 3, (16,))
+    losses = []
+    with pytest.warns(UserWarning, match=r"attn\.out_proj") as record:
+        for _ in range(10):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            pre.step(lr=0.1)
+            optimizer.step()
+            losses.append(loss.item())
+    assert sum("never fired" in str(w.message) for w in record) == 1
+    assert "attn.out_proj" not in pre.layers
+    assert any(s.name == "attn.out_proj" for s in pre.skipped)
+    assert losses[-1] < losses[0]
+
+
+def test_skip_layers_by_name_and_regex_and_unmatched_pattern_warns():
+    model = MLP()
+    with pytest.warns(UserWarning, match="nothing_here"):
+        pre = KFACPreconditioner(model, skip_layers=["net.0", r"net\.[4]", "nothing_here"])
+    assert list(pre.layers) == ["net.2"]
+    assert {s.name for s in pre.skipped} == {"net.0", "net.4"}
+
+
+def test_model_without_supported_layers_warns_and_passes_gradients_through():
+    model = nn.Sequential(nn.LayerNorm(4))
+    with pytest.warns(UserWarning, match="no layer K-FAC can precondition"):
+        pre = KFACPreconditioner(model)
+    model(torch.randn(2, 4)).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    pre.step(lr=0.1)
+    assert all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters()))
