@@ -283,6 +283,20 @@ class KFACPreconditioner:
     def plan(self) -> WorkPlan | None:
         return self._plan
 
+    def prospective_plan(self) -> WorkPlan:
+        """The work plan as it stands (before the first step: as if every registered layer's
+        hooks fire). Computed locally, no communication; for summaries."""
+        if self._plan is not None:
+            return self._plan
+        shapes = [LayerShape(name, s.layer.a_dim, s.layer.g_dim) for name, s in self._layers.items()]
+        return WorkPlan.build(
+            shapes,
+            self.world_size,
+            self.config.grad_workers_per_layer(self.world_size),
+            self.config.assignment_cost,
+            self.config.split_factors,
+        )
+
     def factors(self) -> dict[str, tuple[Tensor | None, Tensor | None]]:
         """The running (A, G) of every layer, as far as this rank holds them (owners only)."""
         return {name: (s.running_a, s.running_g) for name, s in self._layers.items()}
@@ -370,11 +384,7 @@ class KFACPreconditioner:
                 "their plain gradient",
                 stacklevel=3,
             )
-        shapes = [LayerShape(name, s.layer.a_dim, s.layer.g_dim) for name, s in self._layers.items()]
-        grad_workers = self.config.grad_workers_per_layer(self.world_size)
-        self._plan = WorkPlan.build(
-            shapes, self.world_size, grad_workers, self.config.assignment_cost, self.config.split_factors
-        )
+        self._plan = self.prospective_plan()
         if self.world_size > 1:
             self._comm = Communicator(self._plan, self.rank, self.config.bucket_cap_bytes)
         if self._pending_state is not None:
