@@ -8,6 +8,7 @@ decides where to wait, so communication overlaps whatever runs in between.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -74,17 +75,19 @@ class Communicator:
         self._block_groups: dict[int, object] = {}
         self._receive_groups: dict[int, object] = {}
         world = plan.world_size
-        if world > 1:
-            # new_group is collective: every rank creates every group, in the same order.
-            if 1 < plan.grad_workers < world:
-                for index, ranks in enumerate(plan.worker_blocks()):
-                    self._block_groups[index] = dist.new_group(list(ranks))
-                for index, ranks in enumerate(plan.receive_groups()):
-                    self._receive_groups[index] = dist.new_group(list(ranks))
-            elif plan.grad_workers == world:
-                self._block_groups[0] = dist.group.WORLD
-            else:
-                self._receive_groups[0] = dist.group.WORLD
+        # new_group is collective: every rank creates every group, in the same order. K-FAC has
+        # a world group of its own so that its collectives, launched from backward hooks, never
+        # interleave with DDP's all-reduces on one communicator.
+        self.world_group = dist.new_group(list(range(world)))
+        if 1 < plan.grad_workers < world:
+            for index, ranks in enumerate(plan.worker_blocks()):
+                self._block_groups[index] = dist.new_group(list(ranks))
+            for index, ranks in enumerate(plan.receive_groups()):
+                self._receive_groups[index] = dist.new_group(list(ranks))
+        elif plan.grad_workers == world:
+            self._block_groups[0] = self.world_group
+        else:
+            self._receive_groups[0] = self.world_group
 
     def _counter(self, kind: str) -> Callable[[int], None]:
         def count(nbytes: int) -> None:
@@ -98,7 +101,7 @@ class Communicator:
             tensors,
             wire_dtype,
             self.cap_bytes,
-            lambda flat: dist.reduce(flat, dst=dst, op=dist.ReduceOp.SUM, async_op=True),
+            lambda flat: dist.reduce(flat, dst=dst, op=dist.ReduceOp.SUM, group=self.world_group, async_op=True),
             self._counter("factor_reduce"),
         )
 
@@ -129,12 +132,57 @@ class Communicator:
             tensors,
             None,
             self.cap_bytes,
-            lambda flat: dist.broadcast(flat, src=src, async_op=True),
+            lambda flat: dist.broadcast(flat, src=src, group=self.world_group, async_op=True),
             self._counter(kind),
         )
 
     def total_bytes(self) -> int:
         return sum(self.bytes_by_kind.values())
+
+
+@dataclass
+class FactorBucket:
+    """Factors bound for one owner, reduced in one fused collective."""
+
+    owner: int
+    entries: list[tuple[str, str]]  # (layer name, "a" or "g")
+    pending: PendingCollective | None = None
+
+    @property
+    def layers(self) -> set[str]:
+        return {name for name, _ in self.entries}
+
+
+def plan_factor_buckets(
+    backward_order: Sequence[str],
+    a_owner: dict[str, int],
+    g_owner: dict[str, int],
+    nbytes: dict[tuple[str, str], int],
+    cap_bytes: int,
+) -> list[FactorBucket]:
+    """Per owner, consecutive layers in backward order fused up to ``cap_bytes``; the buckets
+    ordered by when their last layer completes in backward. Every rank computes the same list,
+    and launches strictly in this order, so collectives match across ranks whatever the timing."""
+    position = {name: i for i, name in enumerate(backward_order)}
+    open_buckets: dict[int, FactorBucket] = {}
+    open_sizes: dict[int, int] = {}
+    closed: list[FactorBucket] = []
+    for name in backward_order:
+        for which, owners in (("a", a_owner), ("g", g_owner)):
+            owner = owners[name]
+            size = nbytes[(name, which)]
+            bucket = open_buckets.get(owner)
+            if bucket is not None and open_sizes[owner] + size > cap_bytes:
+                closed.append(bucket)
+                bucket = None
+            if bucket is None:
+                bucket = open_buckets[owner] = FactorBucket(owner, [])
+                open_sizes[owner] = 0
+            bucket.entries.append((name, which))
+            open_sizes[owner] += size
+    closed.extend(open_buckets.values())
+    closed.sort(key=lambda b: (max(position[n] for n in b.layers), b.owner))
+    return closed
 
 
 def world_info() -> tuple[int, int]:

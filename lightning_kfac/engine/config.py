@@ -46,6 +46,9 @@ class KFACConfig:
         comm_dtype: dtype factors travel in (e.g. bfloat16); accumulation stays in
             ``factor_dtype``. ``None`` sends ``factor_dtype``.
         symmetric_comm: send symmetric factors as upper triangles (about half the bytes).
+        overlap_factor_comm: launch each bucket's reduction from the backward hooks as soon as
+            its layers' factors are complete, overlapping the rest of backward. Assumes each
+            layer is called the same number of times every step (as learnt on the first step).
     """
 
     inverse_method: str = "eigen"
@@ -58,6 +61,7 @@ class KFACConfig:
     bucket_cap_mb: float = 25.0
     comm_dtype: torch.dtype | None = None
     symmetric_comm: bool = True
+    overlap_factor_comm: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -81,8 +85,9 @@ class KFACConfig:
         set_(self, "bucket_cap_mb", check_positive_float("bucket_cap_mb", self.bucket_cap_mb))
         if self.comm_dtype is not None:
             set_(self, "comm_dtype", check_float_dtype("comm_dtype", self.comm_dtype))
-        if not isinstance(self.symmetric_comm, bool):
-            raise TypeError(f"symmetric_comm must be a bool, got {self.symmetric_comm!r}")
+        for flag in ("symmetric_comm", "overlap_factor_comm"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
 
     @property
     def bucket_cap_bytes(self) -> int:

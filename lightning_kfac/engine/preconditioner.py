@@ -29,7 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kfac.distributed.assignment import LayerShape, WorkPlan
-from lightning_kfac.distributed.comm import Communicator, PendingCollective, all_ranks_agree_min, world_info
+from lightning_kfac.distributed.comm import (
+    Communicator,
+    FactorBucket,
+    all_ranks_agree_min,
+    plan_factor_buckets,
+    world_info,
+)
 from lightning_kfac.engine import curvature
 from lightning_kfac.engine.config import KFACConfig
 from lightning_kfac.engine.layers import KFACLayer, make_layer
@@ -135,12 +141,16 @@ class KFACPreconditioner:
         self.steps = 0
         self._removed = False
         self.rank, self.world_size = world_info()
+        self._grad_workers = self.config.grad_workers_per_layer(self.world_size)
         self._layers: dict[str, _LayerState] = {}
         self.skipped: list[SkippedLayer] = []
         self._register(model)
 
         self._plan: WorkPlan | None = None
         self._comm: Communicator | None = None
+        self._buckets: list[FactorBucket] | None = None
+        self._exchange: int | None = None
+        self._expected_calls: dict[str, int] | None = None
         self._has_factors = False
         self._has_inverse = False
         self._inverse_damping: float | None = None
@@ -148,7 +158,7 @@ class KFACPreconditioner:
         self.last_kl_scale: Tensor | None = None
         self.timings_ms: dict[str, float] = {"factors": 0.0, "inverse": 0.0, "precondition": 0.0}
         self.step_bytes = 0
-        self._bytes_before_step = 0
+        self._bytes_at_last_step = 0
 
     # ---------------------------------------------------------------------------------------
     # hyperparameters (may change between steps)
@@ -247,16 +257,26 @@ class KFACPreconditioner:
             if not isinstance(x, Tensor):
                 return
             layer = state.layer
+            if pre._buckets is not None and pre._exchange is None:
+                pre._start_exchange()
             with torch.no_grad(), _autocast_off(x):
                 rows = layer.input_rows(x.detach()).to(pre.config.factor_dtype)
                 a = rows.T @ rows
                 state.a_sum = a if state.a_sum is None else state.a_sum.add_(a)
                 state.a_rows += rows.shape[0]
             if output.requires_grad:
-                batch = layer.batch_size(x)
-                output.register_hook(_make_output_grad_hook(state, batch, pre.config.factor_dtype))
+                output.register_hook(_make_output_grad_hook(owner, state, layer.batch_size(x)))
 
         return forward_hook
+
+    def _record_output_grad(self, state: _LayerState, batch: int, grad: Tensor) -> None:
+        with torch.no_grad(), _autocast_off(grad):
+            rows = state.layer.output_grad_rows(grad.detach()).to(self.config.factor_dtype)
+            g = torch.mm(rows.T, rows).mul_(batch)
+            state.g_sum = g if state.g_sum is None else state.g_sum.add_(g)
+            state.g_calls += 1
+        if self._exchange is not None:
+            self._launch_ready_buckets()
 
     def remove(self) -> None:
         """Remove every hook; :meth:`step` then leaves gradients as they are."""
@@ -292,7 +312,7 @@ class KFACPreconditioner:
         return WorkPlan.build(
             shapes,
             self.world_size,
-            self.config.grad_workers_per_layer(self.world_size),
+            self._grad_workers,
             self.config.assignment_cost,
             self.config.split_factors,
         )
@@ -336,8 +356,6 @@ class KFACPreconditioner:
             self.steps += 1
             return
         assert self._plan is not None
-        if self._comm is not None:
-            self._bytes_before_step = self._comm.total_bytes()
 
         start = time.perf_counter()
         if any(s.a_rows or s.g_calls for s in self._layers.values()):
@@ -356,7 +374,9 @@ class KFACPreconditioner:
             "precondition": (end - inverse_done) * 1e3,
         }
         if self._comm is not None:
-            self.step_bytes = self._comm.total_bytes() - self._bytes_before_step
+            # since the previous step: buckets launched from this step's backward hooks count too
+            total = self._comm.total_bytes()
+            self.step_bytes, self._bytes_at_last_step = total - self._bytes_at_last_step, total
         self.steps += 1
 
     # --- plan ----------------------------------------------------------------------------------
@@ -387,73 +407,133 @@ class KFACPreconditioner:
         self._plan = self.prospective_plan()
         if self.world_size > 1:
             self._comm = Communicator(self._plan, self.rank, self.config.bucket_cap_bytes)
+            self._buckets = plan_factor_buckets(
+                list(reversed(self._layers)),  # backward runs roughly in reverse registration order
+                self._plan.a_owner,
+                self._plan.g_owner,
+                self._wire_nbytes(),
+                self.config.bucket_cap_bytes,
+            )
         if self._pending_state is not None:
             pending, self._pending_state = self._pending_state, None
             self._apply_state(pending)
         return True
 
     # --- factors -------------------------------------------------------------------------------
-    def _local_factors(self, state: _LayerState, grad_scale: float | Tensor | None) -> tuple[Tensor, Tensor]:
+    # What travels per layer: the local mean A (its row count differs between layers and may
+    # differ between ranks) and the raw sum G; G's scale corrections (accumulation, AMP) and the
+    # mean over ranks are scalars applied by the owner after the reduction.
+    def _local_a(self, state: _LayerState) -> Tensor:
         layer = state.layer
-        dtype = self.config.factor_dtype
-        device = layer.weight.device
         if state.a_sum is None or state.a_rows == 0:
-            a = torch.zeros(layer.a_dim, layer.a_dim, dtype=dtype, device=device)
-        else:
-            a = state.a_sum.div_(state.a_rows)
+            return torch.zeros(layer.a_dim, layer.a_dim, dtype=self.config.factor_dtype, device=layer.weight.device)
+        return state.a_sum / state.a_rows
+
+    def _local_g(self, state: _LayerState) -> Tensor:
+        layer = state.layer
         if state.g_sum is None:
-            g = torch.zeros(layer.g_dim, layer.g_dim, dtype=dtype, device=device)
-        else:
-            g = state.g_sum
-            if self.accumulation_steps != 1:
-                g = g.mul_(self.accumulation_steps)
-            if grad_scale is not None:
-                g = g.div_(torch.as_tensor(grad_scale, dtype=dtype, device=device) ** 2)
-        return a, g
+            return torch.zeros(layer.g_dim, layer.g_dim, dtype=self.config.factor_dtype, device=layer.weight.device)
+        return state.g_sum
+
+    def _wire_nbytes(self) -> dict[tuple[str, str], int]:
+        itemsize = (self.config.comm_dtype or self.config.factor_dtype).itemsize
+        sizes = {}
+        for name, state in self._layers.items():
+            for which, n in (("a", state.layer.a_dim), ("g", state.layer.g_dim)):
+                sizes[(name, which)] = (n * (n + 1) // 2 if self.config.symmetric_comm else n * n) * itemsize
+        return sizes
+
+    def _g_correction(self, grad_scale: float | Tensor | None, device: torch.device) -> Tensor | float:
+        correction: Tensor | float = self.accumulation_steps / self.world_size
+        if grad_scale is not None:
+            scale = torch.as_tensor(grad_scale, dtype=self.config.factor_dtype, device=device)
+            correction = correction / (scale * scale)
+        return correction
+
+    def _wire_tensor(self, name: str, which: str) -> Tensor:
+        state = self._layers[name]
+        factor = self._local_a(state) if which == "a" else self._local_g(state)
+        return curvature.pack_symmetric(factor) if self.config.symmetric_comm else factor
+
+    def _layer_complete(self, name: str) -> bool:
+        """All of this step's calls of the layer have delivered their output gradient."""
+        expected = self._expected_calls.get(name)
+        state = self._layers[name]
+        return expected is not None and state.a_rows > 0 and state.g_calls >= expected * self.accumulation_steps
+
+    def _start_exchange(self) -> None:
+        """Called by the first forward hook of a factor-update step (after the plan exists);
+        from then on backward hooks launch buckets as their layers complete."""
+        if self.config.overlap_factor_comm and self._exchange is None and self._buckets is not None:
+            self._exchange = 0  # index of the next bucket to launch
+
+    def _launch_bucket(self, bucket: FactorBucket) -> None:
+        assert self._comm is not None
+        tensors = [self._wire_tensor(name, which) for name, which in bucket.entries]
+        bucket.pending = self._comm.reduce_to(bucket.owner, tensors, self.config.comm_dtype)
+
+    def _launch_ready_buckets(self, flush: bool = False) -> None:
+        """Launch buckets strictly in their fixed order, as far as their layers are complete
+        (``flush``: all remaining). The same order on every rank keeps collectives matched."""
+        assert self._buckets is not None and self._exchange is not None
+        while self._exchange < len(self._buckets):
+            bucket = self._buckets[self._exchange]
+            if not flush and not all(self._layer_complete(name) for name in bucket.layers):
+                return
+            self._launch_bucket(bucket)
+            self._exchange += 1
+
+    def _reduce_to_owners(self) -> dict[tuple[str, str], Tensor]:
+        """Sum of the ranks' local factors, for the factors this rank owns."""
+        assert self._buckets is not None
+        if self._exchange is None:
+            self._exchange = 0
+        self._launch_ready_buckets(flush=True)
+        reduced: dict[tuple[str, str], Tensor] = {}
+        for bucket in self._buckets:
+            assert bucket.pending is not None
+            values = bucket.pending.wait()
+            bucket.pending = None
+            if bucket.owner != self.rank:
+                continue
+            for (name, which), value in zip(bucket.entries, values):
+                layer = self._layers[name].layer
+                n = layer.a_dim if which == "a" else layer.g_dim
+                value = value.to(self.config.factor_dtype)
+                reduced[(name, which)] = curvature.unpack_symmetric(value, n) if self.config.symmetric_comm else value
+        self._exchange = None
+        return reduced
 
     def _update_factors(self, grad_scale: float | Tensor | None) -> None:
         plan = self._plan
         assert plan is not None
-        local = {name: self._local_factors(s, grad_scale) for name, s in self._layers.items()}
+        if self._expected_calls is None or not self._expected_calls:
+            # calls per micro-batch, learnt on the first factor step: tells the backward hooks
+            # when a layer's factors are complete and its bucket may be launched
+            self._expected_calls = {
+                name: s.g_calls // self.accumulation_steps
+                for name, s in self._layers.items()
+                if s.g_calls and s.g_calls % self.accumulation_steps == 0
+            }
+        if self.world_size == 1:
+            reduced = {}
+            for name, state in self._layers.items():
+                reduced[(name, "a")] = self._local_a(state)
+                reduced[(name, "g")] = self._local_g(state)
+        else:
+            reduced = self._reduce_to_owners()
         for state in self._layers.values():
             state.clear_batch()
+
         decay = self._factor_decay if self._has_factors else 0.0
-
-        if self.world_size == 1:
-            for name, (a, g) in local.items():
-                state = self._layers[name]
-                state.running_a = curvature.running_average(state.running_a, a, decay)
-                state.running_g = curvature.running_average(state.running_g, g, decay)
-            self._has_factors = True
-            return
-
-        assert self._comm is not None
-        symmetric = self.config.symmetric_comm
-        wire = self.config.comm_dtype
-        pending: list[tuple[int, list[tuple[str, str, int]], PendingCollective]] = []
-        for owner in range(self.world_size):
-            keys: list[tuple[str, str, int]] = []
-            tensors: list[Tensor] = []
-            for name, (a, g) in local.items():
-                for which, factor, owners in (("a", a, plan.a_owner), ("g", g, plan.g_owner)):
-                    if owners[name] == owner:
-                        keys.append((name, which, factor.shape[0]))
-                        tensors.append(curvature.pack_symmetric(factor) if symmetric else factor)
-            if tensors:
-                pending.append((owner, keys, self._comm.reduce_to(owner, tensors, wire)))
-        for owner, keys, work in pending:
-            reduced = work.wait()
-            if owner != self.rank:
-                continue
-            for (name, which, n), value in zip(keys, reduced):
-                value = value.to(self.config.factor_dtype)
-                factor = curvature.unpack_symmetric(value, n) if symmetric else value
-                factor = factor.div_(self.world_size)
-                state = self._layers[name]
-                if which == "a":
-                    state.running_a = curvature.running_average(state.running_a, factor, decay)
-                else:
-                    state.running_g = curvature.running_average(state.running_g, factor, decay)
+        for (name, which), total in reduced.items():
+            state = self._layers[name]
+            if which == "a":
+                batch_a = total.div_(self.world_size) if self.world_size > 1 else total
+                state.running_a = curvature.running_average(state.running_a, batch_a, decay)
+            else:
+                batch_g = total * self._g_correction(grad_scale, total.device)
+                state.running_g = curvature.running_average(state.running_g, batch_g, decay)
         self._has_factors = True
 
     # --- inversion -----------------------------------------------------------------------------
@@ -776,13 +856,11 @@ def _safe_cholesky_inverses(a: Tensor | None, g: Tensor | None, damping: float, 
         return nan_a, nan_g
 
 
-def _make_output_grad_hook(state: _LayerState, batch: int, dtype: torch.dtype) -> Callable:
+def _make_output_grad_hook(owner: "weakref.ref[KFACPreconditioner]", state: _LayerState, batch: int) -> Callable:
     def output_grad_hook(grad: Tensor) -> None:
-        with torch.no_grad(), _autocast_off(grad):
-            rows = state.layer.output_grad_rows(grad.detach()).to(dtype)
-            g = torch.mm(rows.T, rows).mul_(batch)
-            state.g_sum = g if state.g_sum is None else state.g_sum.add_(g)
-            state.g_calls += 1
+        pre = owner()
+        if pre is not None:
+            pre._record_output_grad(state, batch, grad)
 
     return output_grad_hook
 

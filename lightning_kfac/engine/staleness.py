@@ -1,0 +1,219 @@
+"""Stale statistics: per-layer adaptive factor-update and inversion intervals (pure logic).
+
+Kronecker factors change quickly early in training and slowly later (Osawa et al., SP-NGD).
+In the adaptive mode every layer carries a :class:`LayerStaleness`. Each time the layer is
+inverted, its owner measures how far the running factors moved since the previous inversion,
+
+    change = max( ||A_new - A_old||_F / ||A_old||_F ,  ||G_new - G_old||_F / ||G_old||_F )
+
+(:func:`relative_change` for one factor, :func:`layer_change` for the pair), and
+:meth:`LayerStaleness.observe` turns it into the next inversion interval:
+
+* ``change <  threshold``         the factors are stale-safe: the interval grows (x ``growth``),
+* ``change >  shrink_threshold``  they move again: the interval shrinks (x ``shrink``),
+* in between                      the interval holds,
+
+always within ``[min_interval, max_interval]``. ``shrink_threshold`` defaults to
+``growth * threshold``: a layer whose factors drift at a steady rate (change proportional to
+the interval) then settles on one interval instead of oscillating between two.
+
+The factor-update interval follows the inversion interval at the ratio the run started with
+(``inv_update_freq / factor_update_freq``, 10 with the defaults), so every inversion still sees
+the same number of factor updates in its running average:
+``factor_interval = max(1, inverse_interval // ratio)``.
+
+Everything here is deterministic given the sequence of measured changes, so ranks that learn
+the owner's decision (an int) or its measurement (a float) agree without further talk.
+No torch.distributed, no Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["LayerStaleness", "StalenessConfig", "layer_change", "relative_change"]
+
+
+def _check_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"StalenessConfig: {name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"StalenessConfig: {name} must be finite, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"StalenessConfig: {name} must be an integer >= 1, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"StalenessConfig: {name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class StalenessConfig:
+    """Validated settings of the adaptive (stale statistics) mode.
+
+    Args:
+        threshold: relative Frobenius change of a layer's factors between two inversions below
+            which its intervals grow (> 0).
+        min_interval: shortest inversion interval, in optimizer steps (>= 1).
+        max_interval: longest inversion interval (>= min_interval).
+        growth: factor the interval is multiplied by while the factors are stable (> 1).
+        shrink: factor it is multiplied by when they change again, in [0, 1); 0 returns to
+            ``min_interval`` at once.
+        shrink_threshold: change above which the interval shrinks (>= threshold); ``None``:
+            ``growth * threshold``.
+    """
+
+    threshold: float = 0.05
+    min_interval: int = 1
+    max_interval: int = 200
+    growth: float = 2.0
+    shrink: float = 0.5
+    shrink_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        threshold = _check_real("threshold", self.threshold)
+        if threshold <= 0:
+            raise ValueError(f"StalenessConfig: threshold must be > 0, got {self.threshold!r}")
+        set_(self, "threshold", threshold)
+        set_(self, "min_interval", _check_int("min_interval", self.min_interval))
+        set_(self, "max_interval", _check_int("max_interval", self.max_interval))
+        if self.max_interval < self.min_interval:
+            raise ValueError(
+                f"StalenessConfig: max_interval must be >= min_interval={self.min_interval}, got {self.max_interval!r}"
+            )
+        growth = _check_real("growth", self.growth)
+        if growth <= 1.0:
+            raise ValueError(f"StalenessConfig: growth must be > 1, got {self.growth!r}")
+        set_(self, "growth", growth)
+        shrink = _check_real("shrink", self.shrink)
+        if not 0.0 <= shrink < 1.0:
+            raise ValueError(f"StalenessConfig: shrink must be in [0, 1), got {self.shrink!r}")
+        set_(self, "shrink", shrink)
+        if self.shrink_threshold is not None:
+            upper = _check_real("shrink_threshold", self.shrink_threshold)
+            if upper < threshold:
+                raise ValueError(
+                    f"StalenessConfig: shrink_threshold must be >= threshold={threshold}, got {self.shrink_threshold!r}"
+                )
+            set_(self, "shrink_threshold", upper)
+
+    @property
+    def upper_threshold(self) -> float:
+        """The change above which intervals shrink."""
+        return self.shrink_threshold if self.shrink_threshold is not None else self.growth * self.threshold
+
+    def clamp(self, interval: int) -> int:
+        return min(self.max_interval, max(self.min_interval, int(interval)))
+
+    def next_interval(self, interval: int, change: float) -> int:
+        """The interval after one measured ``change`` (NaN or inf count as a change)."""
+        if not math.isfinite(change) or change > self.upper_threshold:
+            return self.clamp(math.floor(interval * self.shrink))
+        if change < self.threshold:
+            return self.clamp(max(interval + 1, math.ceil(interval * self.growth)))
+        return self.clamp(interval)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Python scalars only."""
+        return asdict(self)
+
+
+def relative_change(new: Tensor, old: Tensor) -> Tensor:
+    """``||new - old||_F / ||old||_F`` as a 0-dim float64 tensor on the factors' device (no
+    host sync: stack several and read them with one ``.tolist()``). ``old == 0`` gives 0 when
+    ``new`` is 0 too and ``inf`` otherwise."""
+    if new.shape != old.shape:
+        raise ValueError(f"relative_change needs tensors of one shape, got {tuple(new.shape)} and {tuple(old.shape)}")
+    new64, old64 = new.detach().double(), old.detach().double()
+    diff = torch.linalg.vector_norm(new64 - old64)
+    base = torch.linalg.vector_norm(old64)
+    ratio = diff / base
+    return torch.where(base > 0, ratio, torch.where(diff > 0, torch.full_like(diff, math.inf), torch.zeros_like(diff)))
+
+
+def layer_change(pairs: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
+    """The largest :func:`relative_change` over a layer's ``(new, old)`` factor pairs."""
+    changes = [relative_change(new, old) for new, old in pairs]
+    if not changes:
+        raise ValueError("layer_change needs at least one (new, old) pair")
+    return torch.stack(changes).max()
+
+
+class LayerStaleness:
+    """The adaptive intervals of one layer.
+
+    Args:
+        config: the policy.
+        inverse_interval: the starting inversion interval (the run's ``inv_update_freq``),
+            clamped to the config's bounds.
+        factor_interval: the run's ``factor_update_freq``; ``inverse_interval // factor_interval``
+            (at least 1) is the ratio the factor interval keeps to the inversion interval.
+    """
+
+    def __init__(self, config: StalenessConfig, inverse_interval: int = 10, factor_interval: int = 1) -> None:
+        if not isinstance(config, StalenessConfig):
+            raise TypeError(f"config must be a StalenessConfig, got {type(config).__name__}")
+        for name, value in (("inverse_interval", inverse_interval), ("factor_interval", factor_interval)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.config = config
+        self.ratio = max(1, int(inverse_interval) // int(factor_interval))
+        self.inverse_interval = config.clamp(int(inverse_interval))
+        self.last_change: float | None = None
+        self.observations = 0
+        self.grown = 0
+        self.shrunk = 0
+
+    @property
+    def factor_interval(self) -> int:
+        """Steps between factor updates of this layer."""
+        return max(1, self.inverse_interval // self.ratio)
+
+    def observe(self, change: float | Tensor) -> int:
+        """Record the relative change measured at an inversion; return the next inversion
+        interval (also :attr:`inverse_interval`; :attr:`factor_interval` follows)."""
+        value = float(change)
+        before = self.inverse_interval
+        self.inverse_interval = self.config.next_interval(before, value)
+        self.last_change = value
+        self.observations += 1
+        self.grown += int(self.inverse_interval > before)
+        self.shrunk += int(self.inverse_interval < before)
+        return self.inverse_interval
+
+    def state_dict(self) -> dict[str, Any]:
+        """Python scalars only (the config is the caller's)."""
+        return {
+            "inverse_interval": self.inverse_interval,
+            "ratio": self.ratio,
+            "last_change": self.last_change,
+            "observations": self.observations,
+            "grown": self.grown,
+            "shrunk": self.shrunk,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ratio = max(1, int(state["ratio"]))
+        self.inverse_interval = self.config.clamp(int(state["inverse_interval"]))
+        last = state.get("last_change")
+        self.last_change = None if last is None else float(last)
+        self.observations = int(state.get("observations", 0))
+        self.grown = int(state.get("grown", 0))
+        self.shrunk = int(state.get("shrunk", 0))
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerStaleness(inverse_interval={self.inverse_interval}, factor_interval={self.factor_interval}, "
+            f"last_change={self.last_change})"
+        )
