@@ -29,3 +29,13 @@ def test_two_process_strategy_equals_one_process_on_the_global_batch(tmp_path, f
     assert torch.equal(rank0, rank1)
     error = float((rank0 - single).norm() / single.norm())
     assert error <= 1e-9, error
+
+
+def test_char_transformer_trains_with_kfac_ddp_on_two_processes(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "scripts", "fit_char_transformer.py"), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(rank0["params"], rank1["params"])
+    first, last = sum(rank0["losses"][:3]) / 3, sum(rank0["losses"][-3:]) / 3
+    assert last < 0.8 * first, (first, last)

@@ -26,8 +26,11 @@ def running_average(running: Tensor | None, batch: Tensor, decay: float) -> Tens
 
 
 # --- eigen -----------------------------------------------------------------------------------
-def eigen_decompose(factor: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(Q, d) with factor = Q diag(d) Q^T; negative round-off eigenvalues are clamped to 0."""
+def eigen_decompose(factor: Tensor, dtype: torch.dtype) -> tuple[Tensor | None, Tensor]:
+    """(Q, d) with factor = Q diag(d) Q^T; negative round-off eigenvalues are clamped to 0.
+    A diagonal factor (a vector) is its own eigendecomposition: Q = None stands for I."""
+    if factor.dim() == 1:
+        return None, factor.to(dtype).clamp(min=0.0)
     eigenvalues, eigenvectors = torch.linalg.eigh(factor.to(dtype))
     # eigh returns column-major storage; a row-major copy makes every rank's matmuls (owner's
     # and receivers' of the broadcast copy) take the same kernel path, so results agree bitwise
@@ -39,8 +42,11 @@ def eigen_inverse_denominator(d_g: Tensor, d_a: Tensor, damping: float) -> Tenso
     return torch.outer(d_g, d_a).add_(damping).reciprocal_()
 
 
-def eigen_precondition(grad: Tensor, q_a: Tensor, q_g: Tensor, inv_denominator: Tensor) -> Tensor:
-    """Q_G [(Q_G^T V Q_A) / (d_G d_A^T + lambda)] Q_A^T = (G (x) A + lambda I)^-1 vec(V)."""
+def eigen_precondition(grad: Tensor, q_a: Tensor | None, q_g: Tensor, inv_denominator: Tensor) -> Tensor:
+    """Q_G [(Q_G^T V Q_A) / (d_G d_A^T + lambda)] Q_A^T = (G (x) A + lambda I)^-1 vec(V)
+    (Q_A = None: A is diagonal)."""
+    if q_a is None:
+        return q_g @ ((q_g.T @ grad) * inv_denominator)
     rotated = q_g.T @ grad @ q_a
     return q_g @ (rotated * inv_denominator) @ q_a.T
 
@@ -48,19 +54,20 @@ def eigen_precondition(grad: Tensor, q_a: Tensor, q_g: Tensor, inv_denominator: 
 # --- cholesky (factored Tikhonov) ------------------------------------------------------------
 def tikhonov_pi(a: Tensor, g: Tensor) -> Tensor:
     """pi = sqrt((tr(A)/dim A) / (tr(G)/dim G)), computed on the device (no host sync)."""
-    mean_a = torch.diagonal(a).mean()
+    mean_a = (a if a.dim() == 1 else torch.diagonal(a)).mean()
     mean_g = torch.diagonal(g).mean()
     tiny = torch.finfo(a.dtype).tiny
     return torch.sqrt(mean_a.clamp(min=tiny) / mean_g.clamp(min=tiny))
 
 
 def damped_cholesky_inverses(a: Tensor, g: Tensor, damping: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(A + pi sqrt(l) I)^-1 and (G + sqrt(l)/pi I)^-1 via Cholesky factorisations."""
+    """(A + pi sqrt(l) I)^-1 and (G + sqrt(l)/pi I)^-1 via Cholesky factorisations (a
+    diagonal A, given as a vector, is inverted element-wise and returned as a vector)."""
     a = a.to(dtype)
     g = g.to(dtype)
     pi = tikhonov_pi(a, g)
     root = math.sqrt(damping)
-    a_inv = _spd_inverse(a, pi * root)
+    a_inv = (a + pi * root).reciprocal() if a.dim() == 1 else _spd_inverse(a, pi * root)
     g_inv = _spd_inverse(g, root / pi)
     return a_inv, g_inv
 
@@ -73,7 +80,9 @@ def _spd_inverse(matrix: Tensor, shift: Tensor) -> Tensor:
 
 
 def cholesky_precondition(grad: Tensor, a_inv: Tensor, g_inv: Tensor) -> Tensor:
-    """(G + sqrt(l)/pi I)^-1 V (A + pi sqrt(l) I)^-1."""
+    """(G + sqrt(l)/pi I)^-1 V (A + pi sqrt(l) I)^-1 (a_inv a vector: A is diagonal)."""
+    if a_inv.dim() == 1:
+        return (g_inv @ grad) * a_inv
     return g_inv @ grad @ a_inv
 
 

@@ -20,12 +20,29 @@ from torch import Tensor, nn
 
 
 class KFACLayer:
-    """A supported module: turns its input and output gradient into factor rows and exposes its
-    gradient as one matrix."""
+    """A supported module: turns its input and output gradient into factor statistics and
+    exposes its gradient as one matrix V of shape (g_dim, a_dim)."""
+
+    kind = "Layer"
+    #: A is diagonal (stored, communicated and inverted as a vector of a_dim values)
+    a_diagonal = False
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         self.module = module
+
+    @property
+    def a_shape(self) -> tuple[int, ...]:
+        return (self.a_dim,) if self.a_diagonal else (self.a_dim, self.a_dim)
+
+    def a_statistics(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+        """(sum over rows of a_r a_r^T, number of rows) for one call."""
+        rows = self.input_rows(x).to(dtype)
+        return rows.T @ rows, rows.shape[0]
+
+    def output_row_mask(self, x: Tensor) -> Tensor | None:
+        """Rows of the output gradient that count for G (None: all)."""
+        return None
 
     @property
     def has_bias(self) -> bool:
@@ -102,56 +119,119 @@ class LinearLayer(KFACLayer):
         return gy.reshape(-1, gy.shape[-1])
 
 
-class Conv2dLayer(KFACLayer):
-    """Conv2d with groups=1: a_r are the im2col patches of every output position."""
+class ConvLayer(KFACLayer):
+    """Conv1d/2d/3d with groups=1: a_r are the patches (C x kernel) of every output position."""
 
-    kind = "Conv2d"
+    def __init__(self, name: str, module: nn.Module) -> None:
+        super().__init__(name, module)
+        self.kind = type(module).__name__
+        self.spatial = len(module.kernel_size)  # type: ignore[arg-type]
+
+    def _padded(self, x: Tensor) -> Tensor:
+        conv = self.module
+        if x.dim() == self.spatial + 1:  # unbatched
+            x = x.unsqueeze(0)
+        if conv.padding_mode != "zeros":
+            return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        if conv.padding == "valid":
+            return x
+        if conv.padding == "same":
+            pads: list[int] = []
+            for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return F.pad(x, pads)
+        if any(conv.padding):
+            return F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])
+        return x
 
     def input_rows(self, x: Tensor) -> Tensor:
-        conv: nn.Conv2d = self.module  # type: ignore[assignment]
-        padding = conv.padding
-        if conv.padding_mode != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding = (0, 0)
-        elif isinstance(padding, str):
-            x, padding = _explicit_same_padding(x, conv)
-        if x.dim() == 3:  # unbatched (C, H, W)
-            x = x.unsqueeze(0)
-        patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        conv = self.module
+        x = self._padded(x)
+        if self.spatial == 2:
+            patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        else:
+            # (B, C, *S) -> (B, C, *O, *K) with one unfold per spatial dim; dilation by slicing
+            for i, (k, s, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation)):
+                x = x.unfold(2 + i, d * (k - 1) + 1, s)
+                if d > 1:
+                    x = x[..., ::d]
+            n = self.spatial
+            order = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
+            x = x.permute(order)
+            rows = x.reshape(-1, x.shape[1 + n : ].numel())
         return self._append_ones(rows)
 
     def output_grad_rows(self, gy: Tensor) -> Tensor:
-        if gy.dim() == 3:
+        if gy.dim() == self.spatial + 1:
             gy = gy.unsqueeze(0)
-        return gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1])
+        return gy.movedim(1, -1).reshape(-1, gy.shape[1])
 
-    @staticmethod
-    def batch_size(x: Tensor) -> int:
-        return x.shape[0] if x.dim() == 4 else 1
+    def batch_size(self, x: Tensor) -> int:  # type: ignore[override]
+        return x.shape[0] if x.dim() == self.spatial + 2 else 1
 
 
-def _explicit_same_padding(x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, tuple[int, int]]:
-    if conv.padding == "valid":
-        return x, (0, 0)
-    # padding="same" (stride 1): the total padding per dim is dilation*(k-1), extra on the right.
-    pads: list[int] = []
-    for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
-        total = d * (k - 1)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads), (0, 0)
+class EmbeddingLayer(KFACLayer):
+    """nn.Embedding: y = E[token]. The input is one-hot, so A = diag(token frequencies) is kept
+    as a vector and never as a vocab x vocab matrix; G as for Linear. V = dL/dE^T of shape
+    (embedding_dim, num_embeddings). Positions holding ``padding_idx`` (whose row receives no
+    gradient) count for neither factor."""
+
+    kind = "Embedding"
+    a_diagonal = True
+
+    @property
+    def a_dim(self) -> int:
+        return self.module.num_embeddings
+
+    @property
+    def g_dim(self) -> int:
+        return self.module.embedding_dim
+
+    @property
+    def has_bias(self) -> bool:
+        return False
+
+    def a_statistics(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+        tokens = x.reshape(-1)
+        padding_idx = self.module.padding_idx
+        if padding_idx is not None:
+            tokens = tokens[tokens != padding_idx]
+        counts = torch.bincount(tokens, minlength=self.a_dim).to(dtype)
+        return counts, tokens.numel()
+
+    def output_row_mask(self, x: Tensor) -> Tensor | None:
+        padding_idx = self.module.padding_idx
+        return None if padding_idx is None else x.reshape(-1) != padding_idx
+
+    def output_grad_rows(self, gy: Tensor) -> Tensor:
+        return gy.reshape(-1, gy.shape[-1])
+
+    def grad_matrix(self) -> Tensor | None:
+        grad = self.weight.grad
+        return None if grad is None else grad.T
+
+    def write_grad(self, matrix: Tensor) -> None:
+        self.weight.grad.copy_(matrix.T)  # type: ignore[union-attr]
 
 
 def make_layer(name: str, module: nn.Module) -> tuple[KFACLayer | None, str | None]:
-    """The handler for a module, or None and the reason it stays first-order."""
+    """The handler for a module, or None and the reason it stays first-order (None, None for
+    modules that hold no weights K-FAC would consider)."""
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
+        if not module.weight.requires_grad:
+            return None, "frozen (weight.requires_grad=False)"
     if isinstance(module, nn.Linear):
-        if not module.weight.requires_grad:
-            return None, "frozen (weight.requires_grad=False)"
         return LinearLayer(name, module), None
-    if isinstance(module, nn.Conv2d):
-        if not module.weight.requires_grad:
-            return None, "frozen (weight.requires_grad=False)"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if module.groups != 1:
-            return None, f"Conv2d with groups={module.groups} is not supported (groups=1 only)"
-        return Conv2dLayer(name, module), None
+            return None, f"{type(module).__name__} with groups={module.groups}: only groups=1 is preconditioned"
+        return ConvLayer(name, module), None
+    if isinstance(module, nn.Embedding):
+        if module.sparse:
+            return None, "Embedding(sparse=True): sparse gradients are not preconditioned"
+        return EmbeddingLayer(name, module), None
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return None, f"{type(module).__name__} is not supported"
     return None, None

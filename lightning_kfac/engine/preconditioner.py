@@ -17,6 +17,7 @@ Lightning strategy drives the same object.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import warnings
@@ -144,6 +145,7 @@ class KFACPreconditioner:
         self._grad_workers = self.config.grad_workers_per_layer(self.world_size)
         self._layers: dict[str, _LayerState] = {}
         self.skipped: list[SkippedLayer] = []
+        self._model = weakref.ref(model)
         self._register(model)
 
         self._plan: WorkPlan | None = None
@@ -156,6 +158,8 @@ class KFACPreconditioner:
         self._inverse_damping: float | None = None
         self._pending_state: dict[str, Any] | None = None
         self.last_kl_scale: Tensor | None = None
+        #: decompositions that failed (also after a float64 retry) and kept the last good one
+        self.decomposition_failures = 0
         self.timings_ms: dict[str, float] = {"factors": 0.0, "inverse": 0.0, "precondition": 0.0}
         self.step_bytes = 0
         self._bytes_at_last_step = 0
@@ -260,18 +264,20 @@ class KFACPreconditioner:
             if pre._buckets is not None and pre._exchange is None:
                 pre._start_exchange()
             with torch.no_grad(), _autocast_off(x):
-                rows = layer.input_rows(x.detach()).to(pre.config.factor_dtype)
-                a = rows.T @ rows
+                a, rows = layer.a_statistics(x.detach(), pre.config.factor_dtype)
                 state.a_sum = a if state.a_sum is None else state.a_sum.add_(a)
-                state.a_rows += rows.shape[0]
+                state.a_rows += rows
             if output.requires_grad:
-                output.register_hook(_make_output_grad_hook(owner, state, layer.batch_size(x)))
+                mask = layer.output_row_mask(x)
+                output.register_hook(_make_output_grad_hook(owner, state, layer.batch_size(x), mask))
 
         return forward_hook
 
-    def _record_output_grad(self, state: _LayerState, batch: int, grad: Tensor) -> None:
+    def _record_output_grad(self, state: _LayerState, batch: int, mask: Tensor | None, grad: Tensor) -> None:
         with torch.no_grad(), _autocast_off(grad):
             rows = state.layer.output_grad_rows(grad.detach()).to(self.config.factor_dtype)
+            if mask is not None:
+                rows = rows[mask]
             g = torch.mm(rows.T, rows).mul_(batch)
             state.g_sum = g if state.g_sum is None else state.g_sum.add_(g)
             state.g_calls += 1
@@ -317,6 +323,16 @@ class KFACPreconditioner:
             self.config.split_factors,
         )
 
+    def first_order_parameters(self) -> list[str]:
+        """Names of the trainable parameters K-FAC leaves to their plain gradient (norms,
+        skipped or unsupported layers, free-standing parameters such as MultiheadAttention's
+        in_proj_weight or positional embeddings)."""
+        model = self._model()
+        if model is None:
+            return []
+        covered = {id(p) for s in self._layers.values() for p in s.layer.parameters()}
+        return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+
     def factors(self) -> dict[str, tuple[Tensor | None, Tensor | None]]:
         """The running (A, G) of every layer, as far as this rank holds them (owners only)."""
         return {name: (s.running_a, s.running_g) for name, s in self._layers.items()}
@@ -328,7 +344,9 @@ class KFACPreconditioner:
         """Bytes this rank holds: running factors, decompositions, and the factor total of a
         fully replicated scheme for comparison."""
         itemsize = self.config.factor_dtype.itemsize
-        replicated = sum((s.layer.a_dim**2 + s.layer.g_dim**2) * itemsize for s in self._layers.values())
+        replicated = sum(
+            (math.prod(s.layer.a_shape) + s.layer.g_dim**2) * itemsize for s in self._layers.values()
+        )
         factors = decompositions = 0
         for state in self._layers.values():
             for t in (state.running_a, state.running_g):
@@ -426,7 +444,7 @@ class KFACPreconditioner:
     def _local_a(self, state: _LayerState) -> Tensor:
         layer = state.layer
         if state.a_sum is None or state.a_rows == 0:
-            return torch.zeros(layer.a_dim, layer.a_dim, dtype=self.config.factor_dtype, device=layer.weight.device)
+            return torch.zeros(layer.a_shape, dtype=self.config.factor_dtype, device=layer.weight.device)
         return state.a_sum / state.a_rows
 
     def _local_g(self, state: _LayerState) -> Tensor:
@@ -440,7 +458,11 @@ class KFACPreconditioner:
         sizes = {}
         for name, state in self._layers.items():
             for which, n in (("a", state.layer.a_dim), ("g", state.layer.g_dim)):
-                sizes[(name, which)] = (n * (n + 1) // 2 if self.config.symmetric_comm else n * n) * itemsize
+                if which == "a" and state.layer.a_diagonal:
+                    values = n
+                else:
+                    values = n * (n + 1) // 2 if self.config.symmetric_comm else n * n
+                sizes[(name, which)] = values * itemsize
         return sizes
 
     def _g_correction(self, grad_scale: float | Tensor | None, device: torch.device) -> Tensor | float:
@@ -453,7 +475,7 @@ class KFACPreconditioner:
     def _wire_tensor(self, name: str, which: str) -> Tensor:
         state = self._layers[name]
         factor = self._local_a(state) if which == "a" else self._local_g(state)
-        return curvature.pack_symmetric(factor) if self.config.symmetric_comm else factor
+        return curvature.pack_symmetric(factor) if self.config.symmetric_comm and factor.dim() == 2 else factor
 
     def _layer_complete(self, name: str) -> bool:
         """All of this step's calls of the layer have delivered their output gradient."""
@@ -500,7 +522,8 @@ class KFACPreconditioner:
                 layer = self._layers[name].layer
                 n = layer.a_dim if which == "a" else layer.g_dim
                 value = value.to(self.config.factor_dtype)
-                reduced[(name, which)] = curvature.unpack_symmetric(value, n) if self.config.symmetric_comm else value
+                packed = self.config.symmetric_comm and not (which == "a" and layer.a_diagonal)
+                reduced[(name, which)] = curvature.unpack_symmetric(value, n) if packed else value
         self._exchange = None
         return reduced
 
@@ -544,13 +567,32 @@ class KFACPreconditioner:
         eigen = self.config.inverse_method == "eigen"
         damping = self._damping
         for name, state in self._layers.items():
+            # a decomposition that fails even in float64 with jitter keeps the last good one; a
+            # layer that never had one gets NaNs, which precondition to its plain gradient
             if eigen:
                 if plan.a_owner[name] == self.rank:
-                    state.q_a, state.d_a = _safe_eigh(state.running_a, dtype)
+                    result = _safe_eigh(state.running_a, dtype)
+                    if result is None:
+                        self.decomposition_failures += 1
+                        result = (state.q_a, state.d_a) if state.d_a is not None else _nan_eigh(state.running_a, dtype)
+                    state.q_a, state.d_a = result
                 if plan.g_owner[name] == self.rank:
-                    state.q_g, state.d_g = _safe_eigh(state.running_g, dtype)
+                    result = _safe_eigh(state.running_g, dtype)
+                    if result is None:
+                        self.decomposition_failures += 1
+                        result = (state.q_g, state.d_g) if state.d_g is not None else _nan_eigh(state.running_g, dtype)
+                    state.q_g, state.d_g = result
             elif plan.a_owner[name] == self.rank:
-                state.a_inv, state.g_inv = _safe_cholesky_inverses(state.running_a, state.running_g, damping, dtype)
+                inverses = _safe_cholesky_inverses(state.running_a, state.running_g, damping, dtype)
+                if inverses is None:
+                    self.decomposition_failures += 1
+                    if state.a_inv is not None:
+                        continue
+                    inverses = (
+                        torch.full_like(state.running_a, float("nan"), dtype=dtype),
+                        torch.full_like(state.running_g, float("nan"), dtype=dtype),
+                    )
+                state.a_inv, state.g_inv = inverses
 
         if self._comm is not None and plan.grad_workers > 1:
             self._broadcast_decompositions()
@@ -570,11 +612,17 @@ class KFACPreconditioner:
         entries: list[tuple[str, tuple[int, ...], bool]] = []
         if self.config.inverse_method == "eigen":
             if plan.a_owner[name] == src:
-                entries += [("q_a", (n_a, n_a), False), ("d_a", (n_a,), False)]
+                if not layer.a_diagonal:
+                    entries.append(("q_a", (n_a, n_a), False))
+                entries.append(("d_a", (n_a,), False))
             if plan.g_owner[name] == src:
                 entries += [("q_g", (n_g, n_g), False), ("d_g", (n_g,), False)]
         elif plan.a_owner[name] == src:
-            entries += [("a_inv", (n_a * (n_a + 1) // 2,), True), ("g_inv", (n_g * (n_g + 1) // 2,), True)]
+            if layer.a_diagonal:
+                entries.append(("a_inv", (n_a,), False))
+            else:
+                entries.append(("a_inv", (n_a * (n_a + 1) // 2,), True))
+            entries.append(("g_inv", (n_g * (n_g + 1) // 2,), True))
         return entries
 
     def _broadcast_decompositions(self) -> None:
@@ -716,13 +764,13 @@ class KFACPreconditioner:
         state["layers"] = gathered
         return state
 
-    def _layer_state_keys(self) -> list[str]:
+    def _layer_state_keys(self, state: _LayerState) -> list[str]:
         keys = []
         if self._has_factors:
             keys += ["running_a", "running_g"]
         if self._has_inverse:
             keys += ["q_a", "d_a", "q_g", "d_g"] if self.config.inverse_method == "eigen" else ["a_inv", "g_inv"]
-        return keys
+        return [k for k in keys if not (k == "q_a" and state.layer.a_diagonal)]
 
     def _owner_of(self, name: str, key: str) -> int:
         assert self._plan is not None
@@ -731,11 +779,10 @@ class KFACPreconditioner:
         return self._plan.g_owner[name]
 
     def _gather_layer_state(self) -> dict[str, dict[str, Tensor]]:
-        keys = self._layer_state_keys()
         out: dict[str, dict[str, Tensor]] = {name: {} for name in self._layers}
         if self._comm is None:
             for name, state in self._layers.items():
-                for key in keys:
+                for key in self._layer_state_keys(state):
                     out[name][key] = getattr(state, key).clone()
             return out
         device = next(iter(self._layers.values())).layer.weight.device
@@ -743,7 +790,7 @@ class KFACPreconditioner:
         for src in range(self.world_size):
             entries, tensors = [], []
             for name, state in self._layers.items():
-                for key in keys:
+                for key in self._layer_state_keys(state):
                     if self._owner_of(name, key) != src:
                         continue
                     shape, dtype = self._state_shape(state, key)
@@ -758,12 +805,11 @@ class KFACPreconditioner:
 
     def _state_shape(self, state: _LayerState, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         layer = state.layer
-        n = layer.a_dim if key in ("running_a", "q_a", "d_a", "a_inv") else layer.g_dim
-        if key.startswith("running"):
-            return (n, n), self.config.factor_dtype
-        if key.startswith("d_"):
-            return (n,), self.config.inverse_dtype
-        return (n, n), self.config.inverse_dtype
+        is_a = key in ("running_a", "q_a", "d_a", "a_inv")
+        n = layer.a_dim if is_a else layer.g_dim
+        vector = key.startswith("d_") or (is_a and layer.a_diagonal)
+        shape = (n,) if vector else (n, n)
+        return shape, self.config.factor_dtype if key.startswith("running") else self.config.inverse_dtype
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, also one saved with another world size. Before the first
@@ -820,47 +866,58 @@ class KFACPreconditioner:
 
 
 # --- numerical fall-backs ---------------------------------------------------------------------
-def _safe_eigh(factor: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """eigh, retried in float64 with jitter; NaNs (which make the layer fall back to its plain
-    gradient) if both fail."""
+def _safe_eigh(factor: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor] | None:
+    """eigh, retried in float64 with jitter; None if both fail or give non-finite values."""
     assert factor is not None
+    if not bool(torch.isfinite(factor).all()):
+        return None
     try:
         q, d = curvature.eigen_decompose(factor, dtype)
         if bool(torch.isfinite(d).all()):
             return q, d
-    except RuntimeError:
+    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
         pass
     try:
-        jitter = 1e-6 * factor.diagonal().abs().mean().clamp(min=1e-12)
-        eye = torch.eye(factor.shape[0], dtype=torch.float64, device=factor.device)
-        q, d = curvature.eigen_decompose(factor.double() + jitter.double() * eye, torch.float64)
-        return q.to(dtype), d.to(dtype)
+        scale = factor.abs().max().double().clamp(min=1e-30)
+        jittered = factor.double() / scale
+        jittered = jittered + 1e-10 * torch.eye(factor.shape[0], dtype=torch.float64, device=factor.device) if factor.dim() == 2 else jittered
+        q, d = curvature.eigen_decompose(jittered, torch.float64)
+        if bool(torch.isfinite(d).all()):
+            return (q.to(dtype) if q is not None else None), (d * scale).to(dtype)
     except RuntimeError:
-        n = factor.shape[0]
-        nan = torch.full((n,), float("nan"), dtype=dtype, device=factor.device)
-        return torch.diag(nan), nan
+        pass
+    return None
 
 
-def _safe_cholesky_inverses(a: Tensor | None, g: Tensor | None, damping: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _nan_eigh(factor: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor]:
+    assert factor is not None
+    n = factor.shape[0]
+    nan = torch.full((n,), float("nan"), dtype=dtype, device=factor.device)
+    return (torch.diag(nan) if factor.dim() == 2 else None), nan
+
+
+def _safe_cholesky_inverses(a: Tensor | None, g: Tensor | None, damping: float, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """Damped inverses, retried in float64; None if both attempts fail or give non-finite values."""
     assert a is not None and g is not None
-    try:
-        return curvature.damped_cholesky_inverses(a, g, damping, dtype)
-    except RuntimeError:
-        pass
-    try:
-        a_inv, g_inv = curvature.damped_cholesky_inverses(a.double(), g.double(), damping * 1.01 + 1e-12, torch.float64)
-        return a_inv.to(dtype), g_inv.to(dtype)
-    except RuntimeError:
-        nan_a = torch.full_like(a, float("nan"), dtype=dtype)
-        nan_g = torch.full_like(g, float("nan"), dtype=dtype)
-        return nan_a, nan_g
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
+        return None
+    for attempt_dtype in (dtype, torch.float64):
+        try:
+            a_inv, g_inv = curvature.damped_cholesky_inverses(a, g, damping, attempt_dtype)
+        except RuntimeError:
+            continue
+        if bool(torch.isfinite(a_inv).all()) and bool(torch.isfinite(g_inv).all()):
+            return a_inv.to(dtype), g_inv.to(dtype)
+    return None
 
 
-def _make_output_grad_hook(owner: "weakref.ref[KFACPreconditioner]", state: _LayerState, batch: int) -> Callable:
+def _make_output_grad_hook(
+    owner: "weakref.ref[KFACPreconditioner]", state: _LayerState, batch: int, mask: Tensor | None
+) -> Callable:
     def output_grad_hook(grad: Tensor) -> None:
         pre = owner()
         if pre is not None:
-            pre._record_output_grad(state, batch, grad)
+            pre._record_output_grad(state, batch, mask, grad)
 
     return output_grad_hook
 
