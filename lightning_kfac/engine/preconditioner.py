@@ -70,6 +70,8 @@ class _LayerState:
     inv_denominator: Tensor | None = None
     a_inv: Tensor | None = None
     g_inv: Tensor | None = None
+    # count of dropped non-finite factor updates, on the device until the next inversion
+    nonfinite: Tensor | None = None
 
     def clear_batch(self) -> None:
         self.a_sum = None
@@ -160,6 +162,9 @@ class KFACPreconditioner:
         self.last_kl_scale: Tensor | None = None
         #: decompositions that failed (also after a float64 retry) and kept the last good one
         self.decomposition_failures = 0
+        #: factor updates dropped for non-finite statistics (read at inversions, no extra sync)
+        self.nonfinite_factor_updates = 0
+        self._warned_nonfinite: set[str] = set()
         self.timings_ms: dict[str, float] = {"factors": 0.0, "inverse": 0.0, "precondition": 0.0}
         self.step_bytes = 0
         self._bytes_at_last_step = 0
@@ -548,16 +553,49 @@ class KFACPreconditioner:
         for state in self._layers.values():
             state.clear_batch()
 
-        decay = self._factor_decay if self._has_factors else 0.0
         for (name, which), total in reduced.items():
             state = self._layers[name]
             if which == "a":
-                batch_a = total.div_(self.world_size) if self.world_size > 1 else total
-                state.running_a = curvature.running_average(state.running_a, batch_a, decay)
+                batch = total.div_(self.world_size) if self.world_size > 1 else total
             else:
-                batch_g = total * self._g_correction(grad_scale, total.device)
-                state.running_g = curvature.running_average(state.running_g, batch_g, decay)
+                batch = total * self._g_correction(grad_scale, total.device)
+            self._update_running(state, which, batch)
         self._has_factors = True
+
+    def _update_running(self, state: _LayerState, which: str, batch: Tensor) -> None:
+        """Running average of one factor. A non-finite batch factor (NaN/Inf activations or
+        output gradients, an overflowed AMP step) is dropped: the running value stays."""
+        attr = "running_a" if which == "a" else "running_g"
+        running = getattr(state, attr)
+        finite = torch.isfinite(batch).all()
+        if running is None:
+            if not bool(finite):  # one host check per factor, on its first update only
+                self._report_nonfinite(state.layer.name)
+                return
+            setattr(state, attr, batch.clone())
+            return
+        setattr(state, attr, curvature.running_average(running, batch, self._factor_decay))
+        # counted on the device; read at the next inversion, which synchronises anyway
+        skipped = (~finite).to(torch.int64)
+        state.nonfinite = skipped if state.nonfinite is None else state.nonfinite.add_(skipped)
+
+    def _report_nonfinite(self, name: str, count: int = 1) -> None:
+        self.nonfinite_factor_updates += count
+        if name not in self._warned_nonfinite:
+            self._warned_nonfinite.add(name)
+            warnings.warn(
+                f"K-FAC: non-finite factor statistics in layer {name!r} (NaN/Inf activations or output "
+                "gradients); that update was dropped and the running factors kept",
+                stacklevel=4,
+            )
+
+    def _collect_nonfinite_counts(self) -> None:
+        for name, state in self._layers.items():
+            if state.nonfinite is not None:
+                count = int(state.nonfinite)
+                state.nonfinite = None
+                if count:
+                    self._report_nonfinite(name, count)
 
     # --- inversion -----------------------------------------------------------------------------
     def _invert(self) -> None:
@@ -566,31 +604,37 @@ class KFACPreconditioner:
         dtype = self.config.inverse_dtype
         eigen = self.config.inverse_method == "eigen"
         damping = self._damping
+        self._collect_nonfinite_counts()
         for name, state in self._layers.items():
             # a decomposition that fails even in float64 with jitter keeps the last good one; a
             # layer that never had one gets NaNs, which precondition to its plain gradient
+            layer = state.layer
             if eigen:
-                if plan.a_owner[name] == self.rank:
-                    result = _safe_eigh(state.running_a, dtype)
+                for which in ("a", "g"):
+                    owners = plan.a_owner if which == "a" else plan.g_owner
+                    if owners[name] != self.rank:
+                        continue
+                    factor = getattr(state, f"running_{which}")
+                    result = _safe_eigh(factor, dtype)
                     if result is None:
-                        self.decomposition_failures += 1
-                        result = (state.q_a, state.d_a) if state.d_a is not None else _nan_eigh(state.running_a, dtype)
-                    state.q_a, state.d_a = result
-                if plan.g_owner[name] == self.rank:
-                    result = _safe_eigh(state.running_g, dtype)
-                    if result is None:
-                        self.decomposition_failures += 1
-                        result = (state.q_g, state.d_g) if state.d_g is not None else _nan_eigh(state.running_g, dtype)
-                    state.q_g, state.d_g = result
+                        self.decomposition_failures += factor is not None
+                        previous = (getattr(state, f"q_{which}"), getattr(state, f"d_{which}"))
+                        diagonal = which == "a" and layer.a_diagonal
+                        n = layer.a_dim if which == "a" else layer.g_dim
+                        result = previous if previous[1] is not None else _nan_eigh(n, diagonal, dtype, layer.weight.device)
+                    setattr(state, f"q_{which}", result[0])
+                    setattr(state, f"d_{which}", result[1])
             elif plan.a_owner[name] == self.rank:
                 inverses = _safe_cholesky_inverses(state.running_a, state.running_g, damping, dtype)
                 if inverses is None:
-                    self.decomposition_failures += 1
+                    self.decomposition_failures += state.running_a is not None and state.running_g is not None
                     if state.a_inv is not None:
                         continue
+                    device = layer.weight.device
+                    nan = float("nan")
                     inverses = (
-                        torch.full_like(state.running_a, float("nan"), dtype=dtype),
-                        torch.full_like(state.running_g, float("nan"), dtype=dtype),
+                        torch.full(layer.a_shape, nan, dtype=dtype, device=device),
+                        torch.full((layer.g_dim, layer.g_dim), nan, dtype=dtype, device=device),
                     )
                 state.a_inv, state.g_inv = inverses
 
@@ -675,8 +719,9 @@ class KFACPreconditioner:
             else:
                 out = curvature.cholesky_precondition(v, state.a_inv, state.g_inv)
             # a failed decomposition (non-finite) leaves this layer's plain gradient in place
-            out = torch.where(torch.isfinite(out).all(), out, v)
-            preconditioned[name] = out.to(grad.dtype)
+            # (also when the result overflows the gradient's dtype, e.g. float16 models)
+            out = out.to(grad.dtype)
+            preconditioned[name] = torch.where(torch.isfinite(out).all(), out, grad)
 
         if self._comm is not None and plan.grad_workers < self.world_size:
             self._receive_gradients(grads, preconditioned)
@@ -868,8 +913,7 @@ class KFACPreconditioner:
 # --- numerical fall-backs ---------------------------------------------------------------------
 def _safe_eigh(factor: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor] | None:
     """eigh, retried in float64 with jitter; None if both fail or give non-finite values."""
-    assert factor is not None
-    if not bool(torch.isfinite(factor).all()):
+    if factor is None or not bool(torch.isfinite(factor).all()):
         return None
     try:
         q, d = curvature.eigen_decompose(factor, dtype)
@@ -889,17 +933,14 @@ def _safe_eigh(factor: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None
     return None
 
 
-def _nan_eigh(factor: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor]:
-    assert factor is not None
-    n = factor.shape[0]
-    nan = torch.full((n,), float("nan"), dtype=dtype, device=factor.device)
-    return (torch.diag(nan) if factor.dim() == 2 else None), nan
+def _nan_eigh(n: int, diagonal: bool, dtype: torch.dtype, device: torch.device) -> tuple[Tensor | None, Tensor]:
+    nan = torch.full((n,), float("nan"), dtype=dtype, device=device)
+    return (None if diagonal else torch.diag(nan)), nan
 
 
 def _safe_cholesky_inverses(a: Tensor | None, g: Tensor | None, damping: float, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
     """Damped inverses, retried in float64; None if both attempts fail or give non-finite values."""
-    assert a is not None and g is not None
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
+    if a is None or g is None or not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
         return None
     for attempt_dtype in (dtype, torch.float64):
         try:
