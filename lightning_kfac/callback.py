@@ -1,5 +1,22 @@
-"""KFACCallback: the K-FAC hyperparameters of a run, applied to the strategy's preconditioner
-every step, and logged under ``kfac/``.
+"""KFACCallback: the K-FAC hyperparameters of a run (constants or schedules), applied to the
+strategy's preconditioner before every step, and what K-FAC is doing, made visible.
+
+* Hyperparameters: ``damping``, ``factor_update_freq``, ``inv_update_freq``, ``factor_decay``
+  and ``kl_clip`` each take a constant, a callable of the optimizer step, or a schedule from
+  :mod:`lightning_kfac.schedules` (yaml: ``class_path``/``init_args``). They are part of the
+  checkpointed state.
+* Adaptive mode: ``adaptive=StalenessConfig(...)`` lets each layer's factor-update and
+  inversion intervals grow while its factors are stable (:mod:`lightning_kfac.engine.staleness`).
+* Logging (every ``log_every_n_steps`` of the trainer, through its loggers): ``kfac/damping``,
+  ``kfac/factor_update_freq``, ``kfac/inv_update_freq``, ``kfac/factor_decay``, ``kfac/kl_clip``,
+  ``kfac/kl_clip_scale`` (the applied nu), ``kfac/comm_bytes`` (payload bytes of the K-FAC
+  collectives this rank took part in during the step), ``kfac/inversions`` (steps that ran an
+  inversion so far) and host wall times ``kfac/time_{factors,inverse,precondition}_ms``. No
+  device synchronisation is added unless ``exact_timings=True`` (which also logs
+  ``kfac/time_step_ms``). The progress-bar items are logged only when they change.
+* ``diagnostics=True``: per-layer factor traces, condition-number estimates and adaptive
+  intervals, on logging steps only.
+* A ``kfac_damp``/``kfac_inv`` item in the progress bar and a one-screen summary at fit start.
 
 Defaults (chosen on the digits demo and in line with the KAISA examples): damping 1e-3 is
 small enough to keep the curvature information and large enough to regularise rank-deficient
@@ -10,66 +27,233 @@ estimates; KL clip 1e-3 bounds the step size while the factors are young.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import math
+import numbers
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Callable, Union
 
+import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_kfac.engine.preconditioner import KFACPreconditioner
+from lightning_kfac.engine.staleness import StalenessConfig
 from lightning_kfac.engine.validation import (
     check_decay,
-    check_optional_positive_float,
     check_positive_float,
     check_positive_int,
 )
+from lightning_kfac.schedules import Schedule, as_schedule, schedule_from_state
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
     from torch.optim import Optimizer
 
 HYPERPARAMETERS = ("damping", "factor_update_freq", "inv_update_freq", "factor_decay", "kl_clip")
+INTEGER_HYPERPARAMETERS = ("factor_update_freq", "inv_update_freq")
+STATE_VERSION = 2
+
+#: what a hyperparameter argument may be: a constant, a callable of the step, or a schedule
+FloatSpec = Union[float, Schedule, Callable[[int], float]]
+IntSpec = Union[int, Schedule, Callable[[int], float]]
+
+_CONSTANT_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "damping": check_positive_float,
+    "factor_update_freq": check_positive_int,
+    "inv_update_freq": check_positive_int,
+    "factor_decay": check_decay,
+    "kl_clip": check_positive_float,
+}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    """A scheduled value as the preconditioner takes it: frequencies rounded to ints >= 1,
+    floats checked against their range."""
+    if name in INTEGER_HYPERPARAMETERS:
+        if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
+            raise TypeError(f"{name} must be a number (it is rounded to an integer >= 1), got {raw!r} ({type(raw).__name__})")
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {raw!r}")
+        return max(1, int(math.floor(value + 0.5)))
+    if name == "factor_decay":
+        return check_decay(name, raw)
+    return check_positive_float(name, raw)
 
 
 class KFACCallback(Callback):
-    """Owns the K-FAC hyperparameters and runs the preconditioning step.
+    """Owns the K-FAC hyperparameters, runs the preconditioning step and reports on it.
 
     Args:
-        damping: Tikhonov damping lambda > 0.
-        factor_update_freq: optimizer steps between factor updates (>= 1).
-        inv_update_freq: optimizer steps between inversions (>= 1).
+        damping: Tikhonov damping lambda > 0 (takes effect at the next inversion).
+        factor_update_freq: optimizer steps between factor updates (rounded, >= 1).
+        inv_update_freq: optimizer steps between inversions (rounded, >= 1).
         factor_decay: running-average decay in [0, 1).
         kl_clip: KL-clip bound > 0, or None to disable it.
-        log: log the hyperparameters and K-FAC figures under ``kfac/``.
+            Each of the five: a constant, a callable of the optimizer step, or a
+            :class:`~lightning_kfac.schedules.Schedule` (``Constant``, ``StepDecay``,
+            ``ExponentialDecay``, ``LinearWarmup``, ``Cosine``).
+        adaptive: a :class:`~lightning_kfac.engine.staleness.StalenessConfig` to let each layer's
+            intervals adapt to how fast its factors change (``factor_update_freq`` and
+            ``inv_update_freq`` are then the starting intervals); None: fixed intervals.
+        log: log the figures under ``kfac/`` through the trainer's loggers.
+        diagnostics: also log per-layer factor traces, condition-number estimates and adaptive
+            intervals (on logging steps; one small collective there when distributed).
+        progress_bar: show ``kfac_damp`` and ``kfac_inv`` (step of the last inversion) in the
+            progress bar.
+        summary: print the layer/owner/memory summary at fit start (rank zero).
+        exact_timings: synchronise the device around the K-FAC step so that the logged times
+            are device times (costs a synchronisation per step; off by default).
     """
 
     def __init__(
         self,
-        damping: float = 1e-3,
-        factor_update_freq: int = 1,
-        inv_update_freq: int = 10,
-        factor_decay: float = 0.95,
-        kl_clip: float | None = 1e-3,
+        damping: FloatSpec = 1e-3,
+        factor_update_freq: IntSpec = 1,
+        inv_update_freq: IntSpec = 10,
+        factor_decay: FloatSpec = 0.95,
+        kl_clip: FloatSpec | None = 1e-3,
+        adaptive: StalenessConfig | None = None,
         log: bool = True,
+        diagnostics: bool = False,
+        progress_bar: bool = True,
+        summary: bool = True,
+        exact_timings: bool = False,
     ) -> None:
-        self.damping = check_positive_float("damping", damping)
-        self.factor_update_freq = check_positive_int("factor_update_freq", factor_update_freq)
-        self.inv_update_freq = check_positive_int("inv_update_freq", inv_update_freq)
-        self.factor_decay = check_decay("factor_decay", factor_decay)
-        self.kl_clip = check_optional_positive_float("kl_clip", kl_clip)
-        self.log = bool(log)
+        specs = {
+            "damping": damping,
+            "factor_update_freq": factor_update_freq,
+            "inv_update_freq": inv_update_freq,
+            "factor_decay": factor_decay,
+            "kl_clip": kl_clip,
+        }
+        self.schedules: dict[str, Schedule | None] = {}
+        for name, spec in specs.items():
+            self.schedules[name] = self._make_schedule(name, spec)
+        if adaptive is not None and not isinstance(adaptive, StalenessConfig):
+            raise TypeError(
+                f"adaptive must be a lightning_kfac.engine.staleness.StalenessConfig or None, got {adaptive!r}"
+            )
+        self.adaptive = adaptive
+        for flag, value in (
+            ("log", log),
+            ("diagnostics", diagnostics),
+            ("progress_bar", progress_bar),
+            ("summary", summary),
+            ("exact_timings", exact_timings),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {value!r} ({type(value).__name__})")
+        self.log = log
+        self.diagnostics = diagnostics
+        self.progress_bar = progress_bar
+        self.summary = summary
+        self.exact_timings = exact_timings
+
+        #: optimizer steps per epoch, bound from the trainer (for schedules with unit="epoch")
+        self.steps_per_epoch: int | None = None
+        self.current_epoch = 0
+        #: trainer.global_step of the last step that ran an inversion, and how many did
+        self.last_inversion_step: int | None = None
+        self.inversions = 0
+        #: the text printed at fit start
+        self.summary_text: str | None = None
+        self._cache_key: tuple[int, float | None] | None = None
+        self._cache_values: dict[str, Any] = {}
+        self._warned_adaptive = False
+        self._bar_shown: dict[str, Any] | None = None
+
+    # --- hyperparameters -------------------------------------------------------------------------
+    @staticmethod
+    def _make_schedule(name: str, spec: Any) -> Schedule | None:
+        if spec is None:
+            if name != "kl_clip":
+                raise TypeError(f"{name} must be a number, a callable of the step or a schedule, got None")
+            return None
+        if isinstance(spec, numbers.Real) and not isinstance(spec, bool):
+            _CONSTANT_CHECKS[name](name, spec)
+            return as_schedule(name, spec)
+        schedule = as_schedule(name, spec)
+        for value in schedule.extremes():
+            try:
+                if name in INTEGER_HYPERPARAMETERS and value <= 0:
+                    raise ValueError(f"{name} must stay > 0 (it is rounded to an integer >= 1), got {value!r}")
+                _coerce(name, value)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{name}={schedule!r} reaches a value outside the allowed range: {err}") from None
+        return schedule
 
     def hyperparameters(self, step: int) -> dict[str, Any]:
-        """The values in force at optimizer step ``step``."""
-        return {name: getattr(self, name) for name in HYPERPARAMETERS}
+        """The values in force at optimizer step ``step`` (frequencies as ints >= 1)."""
+        epoch = None if self.steps_per_epoch is not None else float(self.current_epoch)
+        key = (int(step), epoch)
+        if key == self._cache_key:
+            return dict(self._cache_values)
+        values: dict[str, Any] = {}
+        for name, schedule in self.schedules.items():
+            if schedule is None:
+                values[name] = None
+                continue
+            raw = schedule(int(step), epoch)
+            try:
+                values[name] = _coerce(name, raw)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{name} schedule {schedule!r} gave {raw!r} at step {step}: {err}") from None
+        self._cache_key, self._cache_values = key, values
+        return dict(values)
 
     def apply_to(self, preconditioner: KFACPreconditioner, step: int) -> None:
+        """Set the hyperparameters of ``step`` (and the adaptive policy) on the preconditioner."""
         for name, value in self.hyperparameters(step).items():
             setattr(preconditioner, name, value)
+        if hasattr(preconditioner, "staleness"):
+            if getattr(preconditioner, "staleness") != self.adaptive:
+                preconditioner.staleness = self.adaptive  # type: ignore[attr-defined]
+        elif self.adaptive is not None and not self._warned_adaptive:
+            self._warned_adaptive = True
+            rank_zero_warn("K-FAC: this engine has no adaptive (stale statistics) mode; using fixed intervals")
+
+    def bind_steps_per_epoch(self, steps_per_epoch: int | None) -> None:
+        """Tell the epoch-based schedules how many optimizer steps an epoch has."""
+        self.steps_per_epoch = steps_per_epoch
+        for schedule in self.schedules.values():
+            if schedule is not None:
+                schedule.bind(steps_per_epoch)
+        self._cache_key = None
 
     @staticmethod
     def _preconditioner(trainer: "pl.Trainer") -> KFACPreconditioner | None:
         return getattr(trainer.strategy, "preconditioner", None)
 
-    # --- hooks ---------------------------------------------------------------------------------
+    def _bind_from_trainer(self, trainer: "pl.Trainer") -> None:
+        self.current_epoch = int(trainer.current_epoch)
+        batches = getattr(trainer, "num_training_batches", None)
+        steps = None
+        if isinstance(batches, numbers.Real) and math.isfinite(batches) and batches > 0:
+            steps = max(1, math.ceil(int(batches) / max(1, int(trainer.accumulate_grad_batches))))
+        if steps != self.steps_per_epoch:
+            self.bind_steps_per_epoch(steps)
+        self._cache_key = None
+
+    # --- hooks -----------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        preconditioner = self._preconditioner(trainer)
+        if preconditioner is None:
+            return
+        if self.exact_timings and hasattr(preconditioner, "sync_timings"):
+            preconditioner.sync_timings = True  # type: ignore[attr-defined]
+        if self.summary:
+            self.summary_text = fit_summary(preconditioner, self.hyperparameters(trainer.global_step), self.adaptive)
+            rank_zero_info(self.summary_text)
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._bind_from_trainer(trainer)
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._bind_from_trainer(trainer)
+        self._bar_shown = None  # Lightning resets logged values between epochs: show them again
+
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         # before the forward pass: the hooks decide from factor_update_freq whether to record
         preconditioner = self._preconditioner(trainer)
@@ -80,22 +264,368 @@ class KFACCallback(Callback):
         precondition = getattr(trainer.strategy, "precondition", None)
         if precondition is None:
             return
-        precondition(optimizer)
         preconditioner = self._preconditioner(trainer)
-        if self.log and preconditioner is not None:
-            metrics = {f"kfac/{name}": float(value) for name, value in self.hyperparameters(trainer.global_step).items() if value is not None}
-            if preconditioner.last_kl_scale is not None:
-                metrics["kfac/kl_clip_scale"] = preconditioner.last_kl_scale.float()
-            metrics["kfac/comm_bytes"] = float(preconditioner.step_bytes)
-            for part, ms in preconditioner.timings_ms.items():
-                metrics[f"kfac/time_{part}_ms"] = ms
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        inversions_before = _inversion_count(preconditioner)
+        steps_before = preconditioner.steps if preconditioner is not None else 0
+        start = 0.0
+        if self.exact_timings:
+            _synchronize(pl_module.device)
+            start = time.perf_counter()
+        precondition(optimizer)
+        step_ms = None
+        if self.exact_timings:
+            _synchronize(pl_module.device)
+            step_ms = (time.perf_counter() - start) * 1e3
+        if preconditioner is None:
+            return
+        if _inverted(preconditioner, steps_before, inversions_before):
+            self.last_inversion_step = int(trainer.global_step)
+            self.inversions += 1
+        # Lightning's self.log costs a few hundred microseconds per key: log on the steps the
+        # loggers write (and the last one, for callback_metrics), not on every step
+        log_now = _should_log(trainer) or _is_last_step(trainer)
+        if self.log and log_now:
+            self._log_step(pl_module, preconditioner, step_ms)
+        if self.progress_bar:
+            self._log_progress_bar(pl_module, preconditioner)
+        if self.diagnostics and log_now:
+            self._log_diagnostics(pl_module, preconditioner)
 
-    # --- checkpoint ----------------------------------------------------------------------------
+    # --- logging ---------------------------------------------------------------------------------
+    def _log_progress_bar(self, pl_module: "pl.LightningModule", pre: KFACPreconditioner) -> None:
+        # only when a value changed (Lightning keeps showing the last one): the damping when its
+        # schedule moves, the inversion step once per inversion
+        bar = {"kfac_damp": float(pre.damping)}
+        if self.last_inversion_step is not None:
+            bar["kfac_inv"] = self.last_inversion_step
+        if bar == self._bar_shown:
+            return
+        self._bar_shown = bar
+        values = {
+            "kfac_damp": torch.tensor(bar["kfac_damp"], dtype=torch.float64),
+            **({"kfac_inv": torch.tensor(float(bar["kfac_inv"]))} if "kfac_inv" in bar else {}),
+        }
+        pl_module.log_dict(values, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
+
+    def _log_step(self, pl_module: "pl.LightningModule", pre: KFACPreconditioner, step_ms: float | None) -> None:
+        # host values go in as CPU tensors: Lightning keeps them on the CPU (no device copy or
+        # sync per step); the only device tensor is the KL scale, read when the logger writes
+        cpu = {
+            "kfac/damping": float(pre.damping),
+            "kfac/factor_update_freq": float(pre.factor_update_freq),
+            "kfac/inv_update_freq": float(pre.inv_update_freq),
+            "kfac/factor_decay": float(pre.factor_decay),
+            "kfac/comm_bytes": float(pre.step_bytes),
+            "kfac/inversions": float(self.inversions),
+        }
+        if pre.kl_clip is not None:
+            cpu["kfac/kl_clip"] = float(pre.kl_clip)
+        layer_inversions = getattr(pre, "layer_inversions", None)
+        if isinstance(layer_inversions, numbers.Integral):
+            cpu["kfac/layer_inversions"] = float(layer_inversions)
+        for part in ("factors", "inverse", "precondition"):
+            cpu[f"kfac/time_{part}_ms"] = float(pre.timings_ms.get(part, 0.0))
+        if step_ms is not None:
+            cpu["kfac/time_step_ms"] = step_ms
+        metrics: dict[str, torch.Tensor] = {k: torch.tensor(v, dtype=torch.float64) for k, v in cpu.items()}
+        if pre.last_kl_scale is not None:
+            metrics["kfac/kl_clip_scale"] = pre.last_kl_scale.detach()
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
+
+    def _log_diagnostics(self, pl_module: "pl.LightningModule", pre: KFACPreconditioner) -> None:
+        stats = layer_statistics(pre)
+        metrics: dict[str, torch.Tensor] = {}
+        for name, values in stats.items():
+            for key, value in values.items():
+                metrics[f"kfac/{name}/{key}"] = torch.tensor(value, dtype=torch.float64)
+        if metrics:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
+
+    # --- checkpoint ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in HYPERPARAMETERS}
+        """Schedules, adaptive policy and counters: Python scalars and lists only."""
+        return {
+            "version": STATE_VERSION,
+            "schedules": {name: (s.state_dict() if s is not None else None) for name, s in self.schedules.items()},
+            "adaptive": asdict(self.adaptive) if self.adaptive is not None else None,
+            "steps_per_epoch": self.steps_per_epoch,
+            "last_inversion_step": self.last_inversion_step,
+            "inversions": self.inversions,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for name in HYPERPARAMETERS:
-            if name in state_dict:
-                setattr(self, name, state_dict[name])
+        if "schedules" not in state_dict:  # the first format: the five values
+            state_dict = {"schedules": {n: _constant_state(state_dict[n]) for n in HYPERPARAMETERS if n in state_dict}}
+        for name, saved in state_dict["schedules"].items():
+            if name not in self.schedules:
+                continue
+            current = self.schedules[name]
+            if saved is None:
+                restored = None
+            elif saved.get("class") is None:  # a callable: code is not checkpointed, keep ours
+                if current is None or not callable(getattr(current, "fn", None)):
+                    rank_zero_warn(
+                        f"K-FAC: the checkpoint's {name} was a Python callable ({saved.get('callable')}), which "
+                        f"checkpoints cannot hold; keeping this callback's {current!r}"
+                    )
+                continue
+            else:
+                restored = schedule_from_state(saved)
+                if restored is None:
+                    rank_zero_warn(f"K-FAC: unknown schedule class {saved.get('class')!r} for {name} in the checkpoint; keeping {current!r}")
+                    continue
+            if restored != current:
+                rank_zero_info(f"K-FAC: {name} restored from the checkpoint: {restored!r} (this callback had {current!r})")
+            self.schedules[name] = restored
+        if "adaptive" in state_dict:
+            saved_adaptive = state_dict["adaptive"]
+            self.adaptive = StalenessConfig(**saved_adaptive) if saved_adaptive is not None else None
+        if state_dict.get("steps_per_epoch") is not None:
+            self.bind_steps_per_epoch(int(state_dict["steps_per_epoch"]))
+        if "last_inversion_step" in state_dict:
+            last = state_dict["last_inversion_step"]
+            self.last_inversion_step = None if last is None else int(last)
+        self.inversions = int(state_dict.get("inversions", self.inversions))
+        self._cache_key = None
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def _constant_state(value: Any) -> dict[str, Any] | None:
+    return None if value is None else as_schedule("value", value).state_dict()
+
+
+def _synchronize(device: torch.device) -> None:
+    module = getattr(torch, device.type, None)
+    sync = getattr(module, "synchronize", None)
+    if device.type != "cpu" and sync is not None:
+        sync()
+
+
+def _should_log(trainer: "pl.Trainer") -> bool:
+    connector = getattr(trainer, "_logger_connector", None)
+    try:
+        return bool(connector.should_update_logs)  # type: ignore[union-attr]
+    except Exception:
+        n = trainer.log_every_n_steps
+        return n > 0 and (trainer.global_step + 1) % n == 0
+
+
+def _is_last_step(trainer: "pl.Trainer") -> bool:
+    """Is the optimizer step being taken the last of the fit (as far as known in advance)?"""
+    if trainer.should_stop or getattr(trainer, "fast_dev_run", False):
+        return True
+    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    batches = trainer.num_training_batches
+    if max_epochs is None or max_epochs < 0 or not isinstance(batches, int) or trainer.current_epoch + 1 < max_epochs:
+        return False
+    try:
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    except AttributeError:
+        return False
+    return ready >= batches
+
+
+def _inversion_count(pre: KFACPreconditioner | None) -> int | None:
+    count = getattr(pre, "inversions", None)
+    return int(count) if isinstance(count, numbers.Integral) else None
+
+
+def _inverted(pre: KFACPreconditioner, steps_before: int, count_before: int | None) -> bool:
+    """Did the step just taken run an inversion? The engine's counter when it has one; else
+    its fixed-interval rule."""
+    count = _inversion_count(pre)
+    if count is not None and count_before is not None:
+        return count > count_before
+    return (
+        pre.plan is not None
+        and bool(getattr(pre, "_has_inverse", False))
+        and steps_before % pre.inv_update_freq == 0
+        and pre.steps == steps_before + 1
+    )
+
+
+def _eigen_extremes(pre: KFACPreconditioner, name: str, which: str, running: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(largest, smallest) eigenvalue of factor ``which`` of layer ``name``, from the
+    decomposition this rank holds, else from its running factor (diagnostics only)."""
+    d = None
+    decompositions = getattr(pre, "decompositions", None)
+    if callable(decompositions):
+        d = decompositions().get(name, {}).get(f"d_{which}")
+    else:
+        state = getattr(pre, "_layers", {}).get(name)
+        d = getattr(state, f"d_{which}", None)
+    if d is None and running is not None:
+        d = torch.linalg.eigvalsh(running.detach().double())
+    if d is None or d.numel() == 0:
+        return None
+    d = d.detach().double()
+    return d.max(), d.min()
+
+
+def layer_statistics(pre: KFACPreconditioner) -> dict[str, dict[str, float]]:
+    """Per-layer diagnostics: ``trace_A``, ``trace_G``, ``cond`` (an estimate of the condition
+    number of the damped Kronecker factor, ``(max d_G max d_A + lambda) / (min d_G min d_A + lambda)``)
+    and, in the adaptive mode, ``inv_interval``/``factor_interval``.
+
+    Each rank fills in what it holds (owners: factors; gradient workers: decompositions);
+    when distributed, one max-all-reduce of a small vector combines them, so every rank
+    returns the same keys. Costs device work and a synchronisation: for diagnostics only.
+    """
+    names = list(pre.layers)
+    if not names:
+        return {}
+    device = next(iter(pre.layers.values())).weight.device
+    width = 8  # trace_A, trace_G, max_A, -min_A, max_G, -min_G, inv_interval, factor_interval
+    neg_inf = float("-inf")
+    table = torch.full((len(names), width), neg_inf, dtype=torch.float64, device=device)
+    factors = pre.factors()
+    staleness = getattr(pre, "staleness_states", None) or {}
+    for i, name in enumerate(names):
+        running_a, running_g = factors.get(name, (None, None))
+        if running_a is not None:
+            table[i, 0] = running_a.detach().double().diagonal().sum()
+        if running_g is not None:
+            table[i, 1] = running_g.detach().double().diagonal().sum()
+        for col, which, running in ((2, "a", running_a), (4, "g", running_g)):
+            extremes = _eigen_extremes(pre, name, which, running)
+            if extremes is not None:
+                table[i, col] = extremes[0]
+                table[i, col + 1] = -extremes[1]
+        state = staleness.get(name)
+        if state is not None:
+            table[i, 6] = float(state.inverse_interval)
+            table[i, 7] = float(state.factor_interval)
+    if pre.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(table, op=torch.distributed.ReduceOp.MAX)
+    rows = table.cpu().tolist()
+    damping = float(getattr(pre, "_inverse_damping", None) or pre.damping)
+    out: dict[str, dict[str, float]] = {}
+    for name, row in zip(names, rows):
+        values: dict[str, float] = {}
+        if math.isfinite(row[0]):
+            values["trace_A"] = row[0]
+        if math.isfinite(row[1]):
+            values["trace_G"] = row[1]
+        if all(math.isfinite(v) for v in row[2:6]):
+            top = row[4] * row[2] + damping
+            bottom = max(-row[5], 0.0) * max(-row[3], 0.0) + damping
+            values["cond"] = top / bottom
+        if math.isfinite(row[6]):
+            values["inv_interval"] = row[6]
+            values["factor_interval"] = row[7]
+        if values:
+            out[name] = values
+    return out
+
+
+# --- fit-start summary ---------------------------------------------------------------------------
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _ranks(ranks: tuple[int, ...], world: int) -> str:
+    if len(ranks) == world and world > 1:
+        return "all"
+    if len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(str(r) for r in ranks)
+
+
+def estimated_memory(pre: KFACPreconditioner, plan: Any) -> list[dict[str, int]]:
+    """Bytes each rank will hold once training runs: running factors (owners), per-step
+    accumulators (every rank, every layer) and decompositions (gradient workers)."""
+    f_size = pre.config.factor_dtype.itemsize
+    i_size = pre.config.inverse_dtype.itemsize
+    eigen = pre.config.inverse_method == "eigen"
+    out = []
+    for rank in range(plan.world_size):
+        factors = accumulators = decompositions = 0
+        for name, layer in pre.layers.items():
+            a, g = layer.a_dim, layer.g_dim
+            accumulators += (a * a + g * g) * f_size
+            if plan.a_owner[name] == rank:
+                factors += a * a * f_size
+            if plan.g_owner[name] == rank:
+                factors += g * g * f_size
+            if plan.is_grad_worker(name, rank):
+                elements = (a * a + a + g * g + g + g * a) if eigen else (a * a + g * g)
+                decompositions += elements * i_size
+        out.append({"factors": factors, "accumulators": accumulators, "decompositions": decompositions,
+                    "total": factors + accumulators + decompositions})
+    return out
+
+
+def fit_summary(
+    pre: KFACPreconditioner,
+    hyperparameters: dict[str, Any] | None = None,
+    adaptive: StalenessConfig | None = None,
+    max_rows: int = 24,
+) -> str:
+    """One screen: preconditioned layers (kind, factor shapes, owners, gradient workers),
+    skipped layers and why, the distribution mode, and the estimated memory per rank."""
+    plan = pre.prospective_plan()
+    layers = pre.layers
+    config = pre.config
+    lines = [
+        f"K-FAC: {len(layers)} layer(s) preconditioned, {len(pre.skipped)} skipped | world size {plan.world_size}, "
+        f"{plan.mode} ({plan.grad_workers} gradient worker(s) per layer) | {config.inverse_method}, "
+        f"factors {str(config.factor_dtype).removeprefix('torch.')}, "
+        f"inverses {str(config.inverse_dtype).removeprefix('torch.')}"
+    ]
+    if hyperparameters:
+        hp = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in hyperparameters.items())
+        lines.append(f"  hyperparameters at start: {hp}")
+    if adaptive is not None:
+        lines.append(
+            f"  adaptive intervals: threshold {adaptive.threshold:g}, inversions every "
+            f"{adaptive.min_interval}..{adaptive.max_interval} steps, x{adaptive.growth:g} / x{adaptive.shrink:g}"
+        )
+    if layers:
+        rows = [("layer", "kind", "A", "G", "owner A/G", "workers")]
+        order = sorted(layers, key=lambda n: -(layers[n].a_dim ** 3 + layers[n].g_dim ** 3))
+        shown = set(order[:max_rows])
+        for name, layer in layers.items():
+            if name not in shown:
+                continue
+            owner = f"{plan.a_owner[name]}/{plan.g_owner[name]}"
+            rows.append((
+                name or "(model)",
+                layer.kind,
+                f"{layer.a_dim}x{layer.a_dim}",
+                f"{layer.g_dim}x{layer.g_dim}",
+                owner,
+                _ranks(plan.grad_worker_ranks(name), plan.world_size),
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if len(layers) > max_rows:
+            hidden = [layers[n] for n in order[max_rows:]]
+            elements = sum(l.a_dim ** 2 + l.g_dim ** 2 for l in hidden)
+            lines.append(f"  ... and {len(hidden)} smaller layer(s) ({elements} factor elements)")
+    if pre.skipped:
+        lines.append("  skipped (plain gradient):")
+        shown_skips = pre.skipped[:max_rows]
+        width = max(len(s.name or "(model)") for s in shown_skips)
+        for s in shown_skips:
+            lines.append(f"    {(s.name or '(model)').ljust(width)}  {s.kind}: {s.reason}")
+        if len(pre.skipped) > max_rows:
+            lines.append(f"    ... and {len(pre.skipped) - max_rows} more")
+    memory = estimated_memory(pre, plan)
+    if memory and layers:
+        worst = max(range(len(memory)), key=lambda r: memory[r]["total"])
+        m = memory[worst]
+        lines.append(
+            f"  estimated memory, rank {worst} (the most loaded): {_bytes(m['total'])} = factors {_bytes(m['factors'])}"
+            f" + step accumulators {_bytes(m['accumulators'])} + decompositions {_bytes(m['decompositions'])}"
+        )
+        if len(memory) > 1:
+            per_rank = ", ".join(f"{r}: {_bytes(m['total'])}" for r, m in enumerate(memory[:16]))
+            lines.append(f"  per rank: {per_rank}{' ...' if len(memory) > 16 else ''}")
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""Stale statistics policy: interval logic on synthetic factor sequences (pure torch)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from lightning_kfac.engine.staleness import LayerStaleness, StalenessConfig, layer_change, relative_change
+
+
+# --- config -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(threshold=0), ValueError, ["threshold", "0", "> 0"]),
+        (dict(threshold="0.1"), TypeError, ["threshold", "'0.1'"]),
+        (dict(min_interval=0), ValueError, ["min_interval", ">= 1", "0"]),
+        (dict(min_interval=2.0), TypeError, ["min_interval", "2.0"]),
+        (dict(min_interval=10, max_interval=5), ValueError, ["max_interval", "min_interval=10", "5"]),
+        (dict(growth=1.0), ValueError, ["growth", "> 1", "1.0"]),
+        (dict(shrink=1.0), ValueError, ["shrink", "[0, 1)", "1.0"]),
+        (dict(shrink=-0.5), ValueError, ["shrink", "-0.5"]),
+        (dict(threshold=0.1, shrink_threshold=0.05), ValueError, ["shrink_threshold", "threshold=0.1", "0.05"]),
+        (dict(threshold=float("inf")), ValueError, ["threshold", "finite"]),
+    ],
+)
+def test_config_validates_itself(kwargs, error, words):
+    with pytest.raises(error) as info:
+        StalenessConfig(**kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_config_is_frozen_and_scalar():
+    config = StalenessConfig(threshold=0.1)
+    with pytest.raises(Exception):
+        config.threshold = 0.2  # type: ignore[misc]
+    assert config.upper_threshold == pytest.approx(0.2)  # growth x threshold by default
+    assert StalenessConfig(threshold=0.1, shrink_threshold=0.5).upper_threshold == 0.5
+    assert all(isinstance(v, (int, float, type(None))) for v in config.state_dict().values())
+    assert StalenessConfig(**config.state_dict()) == config
+
+
+# --- relative change ----------------------------------------------------------------------------
+def test_relative_change():
+    old = torch.eye(3)
+    assert float(relative_change(old.clone(), old)) == 0.0
+    new = old * 1.1
+    assert float(relative_change(new, old)) == pytest.approx(0.1)
+    assert float(relative_change(torch.zeros(3, 3), torch.zeros(3, 3))) == 0.0
+    assert math.isinf(float(relative_change(old, torch.zeros(3, 3))))
+    change = relative_change(new.half(), old.half())
+    assert change.dtype == torch.float64 and change.dim() == 0
+    with pytest.raises(ValueError, match="one shape"):
+        relative_change(torch.eye(2), torch.eye(3))
+
+
+def test_layer_change_is_the_larger_of_the_factors():
+    a, g = torch.eye(4), torch.eye(2)
+    assert float(layer_change([(a * 1.01, a), (g * 1.3, g)])) == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        layer_change([])
+
+
+# --- interval logic -----------------------------------------------------------------------------
+def test_intervals_grow_while_factors_are_stable_and_stop_at_max():
+    state = LayerStaleness(StalenessConfig(threshold=0.05, min_interval=2, max_interval=100), inverse_interval=10)
+    intervals = [state.observe(0.0) for _ in range(6)]
+    assert intervals == [20, 40, 80, 100, 100, 100]
+    assert state.grown == 4 and state.shrunk == 0 and state.observations == 6
+
+
+def test_intervals_shrink_when_factors_change_again_and_stop_at_min():
+    state = LayerStaleness(StalenessConfig(threshold=0.05, min_interval=2, max_interval=100, shrink=0.5), inverse_interval=80)
+    assert [state.observe(0.5) for _ in range(6)] == [40, 20, 10, 5, 2, 2]
+    reset = LayerStaleness(StalenessConfig(threshold=0.05, min_interval=3, shrink=0.0), inverse_interval=64)
+    assert reset.observe(1.0) == 3  # shrink=0: straight back to min_interval
+
+
+def test_nan_or_inf_change_counts_as_a_change():
+    state = LayerStaleness(StalenessConfig(min_interval=1), inverse_interval=8)
+    assert state.observe(float("nan")) == 4
+    assert state.observe(torch.tensor(float("inf"))) == 2
+
+
+def test_between_the_thresholds_the_interval_holds():
+    state = LayerStaleness(StalenessConfig(threshold=0.05, shrink_threshold=0.2), inverse_interval=10)
+    assert [state.observe(c) for c in (0.05, 0.1, 0.2)] == [10, 10, 10]
+    assert state.observe(0.21) == 5
+
+
+def test_growth_always_moves_by_at_least_one_step():
+    state = LayerStaleness(StalenessConfig(growth=1.1, max_interval=5), inverse_interval=1)
+    assert [state.observe(0.0) for _ in range(5)] == [2, 3, 4, 5, 5]
+
+
+def test_starting_interval_is_clamped_and_factor_interval_follows_the_ratio():
+    config = StalenessConfig(min_interval=4, max_interval=64)
+    assert LayerStaleness(config, inverse_interval=1).inverse_interval == 4
+    assert LayerStaleness(config, inverse_interval=1000).inverse_interval == 64
+    state = LayerStaleness(config, inverse_interval=10, factor_interval=1)  # ratio 10
+    assert (state.inverse_interval, state.factor_interval) == (10, 1)
+    state.observe(0.0)
+    state.observe(0.0)
+    assert (state.inverse_interval, state.factor_interval) == (40, 4)
+    assert LayerStaleness(config, inverse_interval=10, factor_interval=5).factor_interval == 5  # ratio 2
+    with pytest.raises(ValueError, match="inverse_interval"):
+        LayerStaleness(config, inverse_interval=0)
+    with pytest.raises(TypeError, match="StalenessConfig"):
+        LayerStaleness({"threshold": 0.1})  # type: ignore[arg-type]
+
+
+def test_state_round_trips_through_a_weights_only_checkpoint():
+    config = StalenessConfig(threshold=0.05)
+    state = LayerStaleness(config, inverse_interval=10)
+    for change in (0.0, 0.0, 0.3, 0.01):
+        state.observe(change)
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)
+    buffer.seek(0)
+    other = LayerStaleness(config, inverse_interval=3)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    assert other.state_dict() == state.state_dict()
+    assert other.observe(0.0) == state.observe(0.0)
+
+
+# --- synthetic factor sequences -----------------------------------------------------------------
+def _spd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4 * n, generator=g, dtype=torch.float64)
+    return x @ x.T / (4 * n)
+
+
+def _simulate(factor_at, config, steps, start_interval=10):
+    """Invert when due; at each inversion measure the change since the previous one."""
+    state = LayerStaleness(config, inverse_interval=start_interval)
+    inversions, intervals, last, next_due = [], [], None, 0
+    for step in range(steps):
+        if step < next_due:
+            continue
+        factor = factor_at(step)
+        if last is not None:
+            state.observe(relative_change(factor, last))
+        last = factor
+        inversions.append(step)
+        intervals.append(state.inverse_interval)
+        next_due = step + state.inverse_interval
+    return inversions, intervals
+
+
+def test_synthetic_sequence_intervals_grow_as_factors_settle_and_shrink_on_a_shift():
+    """Factors drift fast, then settle (exponentially), then jump (a new phase of training),
+    then settle again: intervals grow while the factors settle, shrink after the jump, and
+    always stay within the bounds."""
+    base, direction, shifted = _spd(6, 0), _spd(6, 1), _spd(6, 2)
+
+    def factor_at(step: int) -> torch.Tensor:
+        if step < 2000:
+            return base + 5.0 * math.exp(-step / 100) * direction
+        return shifted + 5.0 * math.exp(-(step - 2000) / 100) * direction
+
+    config = StalenessConfig(threshold=0.05, min_interval=2, max_interval=256)
+    inversions, intervals = _simulate(factor_at, config, 4000)
+    assert all(config.min_interval <= i <= config.max_interval for i in intervals)
+    before_shift = [i for s, i in zip(inversions, intervals) if s < 2000]
+    assert before_shift[-1] == config.max_interval  # settled: grown to the cap
+    assert max(before_shift[:10]) == 10  # early, fast drift: no growth yet
+    right_after = [i for s, i in zip(inversions, intervals) if 2000 <= s < 2300]
+    assert min(right_after) <= 16  # the jump shrank it
+    assert intervals[-1] == config.max_interval  # and it grew back
+    # far fewer inversions than the fixed interval of 10 over the same run
+    assert len(inversions) < 0.4 * (4000 // 10)
+
+
+def test_steady_drift_settles_on_one_interval_instead_of_oscillating():
+    base, direction = _spd(5, 3), _spd(5, 4)
+    rate = 1e-3  # change between inversions is ~ rate * interval * |direction| / |base|
+
+    def factor_at(step: int) -> torch.Tensor:
+        return base + rate * step * direction
+
+    _, intervals = _simulate(factor_at, StalenessConfig(threshold=0.05, max_interval=10_000), 20_000, start_interval=1)
+    tail = intervals[-10:]
+    assert len(set(tail)) == 1  # settled (the band between threshold and growth x threshold)
+    assert 1 < tail[0] < 10_000
