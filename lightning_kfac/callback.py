@@ -500,9 +500,11 @@ def layer_statistics(pre: KFACPreconditioner) -> dict[str, dict[str, float]]:
     if pre.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(table, op=torch.distributed.ReduceOp.MAX)
     rows = table.cpu().tolist()
-    damping = float(getattr(pre, "_inverse_damping", None) or pre.damping)
+    decompositions = pre.decompositions()
     out: dict[str, dict[str, float]] = {}
     for name, row in zip(names, rows):
+        # the damping of the layer's last inversion (the current one before the first)
+        damping = float(decompositions.get(name, {}).get("damping") or pre.damping)
         values: dict[str, float] = {}
         if math.isfinite(row[0]):
             values["trace_A"] = row[0]

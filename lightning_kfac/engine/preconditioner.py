@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_kfac.distributed.assignment import LayerShape, WorkPlan
@@ -39,6 +40,8 @@ from lightning_kfac.distributed.comm import (
 )
 from lightning_kfac.engine import curvature
 from lightning_kfac.engine.config import KFACConfig
+from lightning_kfac.engine.staleness import LayerStaleness, StalenessConfig
+from lightning_kfac.engine.staleness import layer_change as staleness_layer_change
 from lightning_kfac.engine.layers import KFACLayer, make_layer
 from lightning_kfac.engine.validation import (
     check_decay,
@@ -152,12 +155,25 @@ class KFACPreconditioner:
 
         self._plan: WorkPlan | None = None
         self._comm: Communicator | None = None
-        self._buckets: list[FactorBucket] | None = None
+        self._step_buckets: list[FactorBucket] | None = None
         self._exchange: int | None = None
         self._expected_calls: dict[str, int] | None = None
         self._has_factors = False
         self._has_inverse = False
-        self._inverse_damping: float | None = None
+        self._inverse_damping: dict[str, float] = {}
+        # stale statistics (adaptive per-layer intervals); None: the global intervals apply
+        self._staleness: StalenessConfig | None = None
+        self.staleness_states: dict[str, LayerStaleness] = {}
+        self._next_factor_step: dict[str, int] = {}
+        self._next_inverse_step: dict[str, int] = {}
+        self._inverted_copies: dict[str, tuple[Tensor, Tensor]] = {}
+        self._pending_intervals: tuple[Any, Tensor, list[str], int] | None = None
+        self._due_cache: tuple[int, frozenset[str]] | None = None
+        #: steps that inverted at least one layer, and layer inversions in total (same on every rank)
+        self.inversions = 0
+        self.layer_inversions = 0
+        #: synchronise the device around each phase so timings_ms are device times (slower)
+        self.sync_timings = False
         self._pending_state: dict[str, Any] | None = None
         self.last_kl_scale: Tensor | None = None
         #: decompositions that failed (also after a float64 retry) and kept the last good one
@@ -211,6 +227,29 @@ class KFACPreconditioner:
     def kl_clip(self, value: float | None) -> None:
         self._kl_clip = check_optional_positive_float("kl_clip", value)
 
+    @property
+    def staleness(self) -> StalenessConfig | None:
+        """Adaptive per-layer update intervals (stale statistics), or None for the global
+        ``factor_update_freq`` / ``inv_update_freq``."""
+        return self._staleness
+
+    @staleness.setter
+    def staleness(self, value: StalenessConfig | None) -> None:
+        if value is not None and not isinstance(value, StalenessConfig):
+            raise TypeError(f"staleness must be a StalenessConfig or None, got {type(value).__name__}")
+        if value == self._staleness:
+            return
+        self._sync_intervals()
+        self._staleness = value
+        self.staleness_states = {}
+        self._inverted_copies = {}
+        self._due_cache = None
+        if value is not None:
+            for name in self._layers:
+                self.staleness_states[name] = LayerStaleness(value, self._inv_update_freq, self._factor_update_freq)
+                self._next_factor_step[name] = self.steps
+                self._next_inverse_step[name] = self.steps
+
     # ---------------------------------------------------------------------------------------
     # registration and hooks
     def _register(self, model: nn.Module) -> None:
@@ -246,13 +285,27 @@ class KFACPreconditioner:
                 stacklevel=3,
             )
 
-    def _recording_now(self, module: nn.Module) -> bool:
-        return (
-            self.recording
-            and module.training
-            and torch.is_grad_enabled()
-            and self.steps % self._factor_update_freq == 0
-        )
+    def _recording_now(self, module: nn.Module, name: str) -> bool:
+        return self.recording and module.training and torch.is_grad_enabled() and name in self._due_factor_layers()
+
+    def _due_factor_layers(self) -> frozenset[str]:
+        """Layers whose factors are updated at this step (the same set on every rank)."""
+        if self._due_cache is not None and self._due_cache[0] == self.steps:
+            return self._due_cache[1]
+        self._sync_intervals()
+        if self._staleness is None:
+            due = frozenset(self._layers) if self.steps % self._factor_update_freq == 0 else frozenset()
+        else:
+            due = frozenset(n for n in self._layers if self.steps >= self._next_factor_step.get(n, 0))
+        self._due_cache = (self.steps, due)
+        return due
+
+    def _due_inverse_layers(self) -> list[str]:
+        if not self._has_factors:
+            return []
+        if self._staleness is None:
+            return list(self._layers) if self.steps % self._inv_update_freq == 0 else []
+        return [n for n in self._layers if self.steps >= self._next_inverse_step.get(n, 0)]
 
     def _make_forward_hook(self, state: _LayerState) -> Callable:
         # the model's hook table must not keep a discarded preconditioner alive
@@ -260,13 +313,13 @@ class KFACPreconditioner:
 
         def forward_hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             pre = owner()
-            if pre is None or not pre._recording_now(module) or not inputs or not isinstance(output, Tensor):
+            if pre is None or not inputs or not isinstance(output, Tensor) or not pre._recording_now(module, state.layer.name):
                 return
             x = inputs[0]
             if not isinstance(x, Tensor):
                 return
             layer = state.layer
-            if pre._buckets is not None and pre._exchange is None:
+            if pre._plan is not None and pre._exchange is None:
                 pre._start_exchange()
             with torch.no_grad(), _autocast_off(x):
                 a, rows = layer.a_statistics(x.detach(), pre.config.factor_dtype)
@@ -380,16 +433,18 @@ class KFACPreconditioner:
             return
         assert self._plan is not None
 
-        start = time.perf_counter()
+        self._sync_intervals()
+        start = self._clock()
         if any(s.a_rows or s.g_calls for s in self._layers.values()):
             self._update_factors(grad_scale)
-        factors_done = time.perf_counter()
-        if self._has_factors and self.steps % self._inv_update_freq == 0:
-            self._invert()
-        inverse_done = time.perf_counter()
+        factors_done = self._clock()
+        due = self._due_inverse_layers()
+        if due:
+            self._invert(due)
+        inverse_done = self._clock()
         if self._has_inverse:
             self._precondition(lr)
-        end = time.perf_counter()
+        end = self._clock()
 
         self.timings_ms = {
             "factors": (factors_done - start) * 1e3,
@@ -401,6 +456,11 @@ class KFACPreconditioner:
             total = self._comm.total_bytes()
             self.step_bytes, self._bytes_at_last_step = total - self._bytes_at_last_step, total
         self.steps += 1
+
+    def _clock(self) -> float:
+        if self.sync_timings and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     # --- plan ----------------------------------------------------------------------------------
     def _build_plan(self) -> bool:
@@ -430,13 +490,10 @@ class KFACPreconditioner:
         self._plan = self.prospective_plan()
         if self.world_size > 1:
             self._comm = Communicator(self._plan, self.rank, self.config.bucket_cap_bytes)
-            self._buckets = plan_factor_buckets(
-                list(reversed(self._layers)),  # backward runs roughly in reverse registration order
-                self._plan.a_owner,
-                self._plan.g_owner,
-                self._wire_nbytes(),
-                self.config.bucket_cap_bytes,
-            )
+            self._wire_sizes = self._wire_nbytes()
+        for name in silent:
+            self.staleness_states.pop(name, None)
+        self._due_cache = None  # computed by the hooks before the silent layers were dropped
         if self._pending_state is not None:
             pending, self._pending_state = self._pending_state, None
             self._apply_state(pending)
@@ -488,11 +545,23 @@ class KFACPreconditioner:
         state = self._layers[name]
         return expected is not None and state.a_rows > 0 and state.g_calls >= expected * self.accumulation_steps
 
+    def _plan_step_buckets(self) -> None:
+        assert self._plan is not None
+        due = self._due_factor_layers()
+        self._step_buckets = plan_factor_buckets(
+            [n for n in reversed(self._layers) if n in due],  # backward runs roughly in reverse order
+            self._plan.a_owner,
+            self._plan.g_owner,
+            self._wire_sizes,
+            self.config.bucket_cap_bytes,
+        )
+        self._exchange = 0  # index of the next bucket to launch
+
     def _start_exchange(self) -> None:
-        """Called by the first forward hook of a factor-update step (after the plan exists);
-        from then on backward hooks launch buckets as their layers complete."""
-        if self.config.overlap_factor_comm and self._exchange is None and self._buckets is not None:
-            self._exchange = 0  # index of the next bucket to launch
+        """Called by the first recording forward hook of a step (after the plan exists); from
+        then on backward hooks launch buckets as their layers complete."""
+        if self.config.overlap_factor_comm and self._comm is not None and self._exchange is None:
+            self._plan_step_buckets()
 
     def _launch_bucket(self, bucket: FactorBucket) -> None:
         assert self._comm is not None
@@ -502,9 +571,9 @@ class KFACPreconditioner:
     def _launch_ready_buckets(self, flush: bool = False) -> None:
         """Launch buckets strictly in their fixed order, as far as their layers are complete
         (``flush``: all remaining). The same order on every rank keeps collectives matched."""
-        assert self._buckets is not None and self._exchange is not None
-        while self._exchange < len(self._buckets):
-            bucket = self._buckets[self._exchange]
+        assert self._step_buckets is not None and self._exchange is not None
+        while self._exchange < len(self._step_buckets):
+            bucket = self._step_buckets[self._exchange]
             if not flush and not all(self._layer_complete(name) for name in bucket.layers):
                 return
             self._launch_bucket(bucket)
@@ -512,12 +581,12 @@ class KFACPreconditioner:
 
     def _reduce_to_owners(self) -> dict[tuple[str, str], Tensor]:
         """Sum of the ranks' local factors, for the factors this rank owns."""
-        assert self._buckets is not None
         if self._exchange is None:
-            self._exchange = 0
+            self._plan_step_buckets()
         self._launch_ready_buckets(flush=True)
+        assert self._step_buckets is not None
         reduced: dict[tuple[str, str], Tensor] = {}
-        for bucket in self._buckets:
+        for bucket in self._step_buckets:
             assert bucket.pending is not None
             values = bucket.pending.wait()
             bucket.pending = None
@@ -530,6 +599,7 @@ class KFACPreconditioner:
                 packed = self.config.symmetric_comm and not (which == "a" and layer.a_diagonal)
                 reduced[(name, which)] = curvature.unpack_symmetric(value, n) if packed else value
         self._exchange = None
+        self._step_buckets = None
         return reduced
 
     def _update_factors(self, grad_scale: float | Tensor | None) -> None:
@@ -543,15 +613,20 @@ class KFACPreconditioner:
                 for name, s in self._layers.items()
                 if s.g_calls and s.g_calls % self.accumulation_steps == 0
             }
+        due = self._due_factor_layers()
         if self.world_size == 1:
             reduced = {}
-            for name, state in self._layers.items():
+            for name in due:
+                state = self._layers[name]
                 reduced[(name, "a")] = self._local_a(state)
                 reduced[(name, "g")] = self._local_g(state)
         else:
             reduced = self._reduce_to_owners()
         for state in self._layers.values():
             state.clear_batch()
+        if self._staleness is not None:
+            for name in due:
+                self._next_factor_step[name] = self.steps + self.staleness_states[name].factor_interval
 
         for (name, which), total in reduced.items():
             state = self._layers[name]
@@ -598,14 +673,19 @@ class KFACPreconditioner:
                     self._report_nonfinite(name, count)
 
     # --- inversion -----------------------------------------------------------------------------
-    def _invert(self) -> None:
+    def _invert(self, names: list[str]) -> None:
         plan = self._plan
         assert plan is not None
         dtype = self.config.inverse_dtype
         eigen = self.config.inverse_method == "eigen"
         damping = self._damping
         self._collect_nonfinite_counts()
+        inverting = set(names)
+        if self._staleness is not None:
+            self._observe_staleness(names)
         for name, state in self._layers.items():
+            if name not in inverting:
+                continue
             # a decomposition that fails even in float64 with jitter keeps the last good one; a
             # layer that never had one gets NaNs, which precondition to its plain gradient
             layer = state.layer
@@ -639,13 +719,67 @@ class KFACPreconditioner:
                 state.a_inv, state.g_inv = inverses
 
         if self._comm is not None and plan.grad_workers > 1:
-            self._broadcast_decompositions()
+            self._broadcast_decompositions(inverting)
 
-        for name, state in self._layers.items():
+        for name in names:
+            state = self._layers[name]
             if eigen and plan.is_grad_worker(name, self.rank):
                 state.inv_denominator = curvature.eigen_inverse_denominator(state.d_g, state.d_a, damping)
-        self._inverse_damping = damping
+            self._inverse_damping[name] = damping
         self._has_inverse = True
+        self.inversions += 1
+        self.layer_inversions += len(names)
+
+    # --- stale statistics ----------------------------------------------------------------------
+    def _observe_staleness(self, names: list[str]) -> None:
+        """Owners measure how far their layers' factors moved since the layer's previous
+        inversion and pick the next intervals; every rank learns them from one small async
+        all-reduce, awaited only at the next step (no blocking round trip per step)."""
+        assert self._plan is not None
+        intervals = torch.zeros(len(names), dtype=torch.int64)
+        for i, name in enumerate(names):
+            tracker = self.staleness_states[name]
+            if self._plan.a_owner[name] == self.rank:
+                state = self._layers[name]
+                previous = self._inverted_copies.get(name)
+                if previous is not None and state.running_a is not None and state.running_g is not None:
+                    change = staleness_layer_change([(state.running_a, previous[0]), (state.running_g, previous[1])])
+                    tracker.observe(change)
+                if state.running_a is not None and state.running_g is not None:
+                    self._inverted_copies[name] = (state.running_a.clone(), state.running_g.clone())
+                intervals[i] = tracker.inverse_interval
+        work = None
+        if self._comm is not None:
+            work = dist.all_reduce(intervals, op=dist.ReduceOp.MAX, group=self._comm.world_group, async_op=True)
+        self._pending_intervals = (work, intervals, list(names), self.steps)
+
+    def _sync_intervals(self) -> None:
+        if self._pending_intervals is None:
+            return
+        work, intervals, names, step = self._pending_intervals
+        self._pending_intervals = None
+        if work is not None:
+            work.wait()
+        for name, interval in zip(names, intervals.tolist()):
+            tracker = self.staleness_states.get(name)
+            if tracker is None:
+                continue
+            tracker.inverse_interval = int(interval)
+            self._next_inverse_step[name] = step + int(interval)
+            self._next_factor_step[name] = step + tracker.factor_interval
+        self._due_cache = None
+
+    def decompositions(self) -> dict[str, dict[str, Tensor]]:
+        """The eigenvalues (``d_a``, ``d_g``) of each layer this rank preconditions (eigen), or
+        the damped inverses (``a_inv``, ``g_inv``) (cholesky), and the damping they used."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, state in self._layers.items():
+            keys = ("d_a", "d_g") if self.config.inverse_method == "eigen" else ("a_inv", "g_inv")
+            values = {k: getattr(state, k) for k in keys if getattr(state, k) is not None}
+            if values:
+                values["damping"] = self._inverse_damping.get(name)
+                out[name] = values
+        return out
 
     def _decomposition_entries(self, name: str, src: int) -> list[tuple[str, tuple[int, ...], bool]]:
         """(attribute, wire shape, packed symmetric) of what ``src`` decomposed for ``name``."""
@@ -669,7 +803,7 @@ class KFACPreconditioner:
             entries.append(("g_inv", (n_g * (n_g + 1) // 2,), True))
         return entries
 
-    def _broadcast_decompositions(self) -> None:
+    def _broadcast_decompositions(self, inverting: set[str]) -> None:
         """Each owner sends its decompositions to the other gradient workers of its block."""
         plan = self._plan
         assert plan is not None and self._comm is not None
@@ -679,6 +813,8 @@ class KFACPreconditioner:
         for src in plan.worker_blocks()[plan.block_of(self.rank)]:
             keys, tensors = [], []
             for name, state in self._layers.items():
+                if name not in inverting:
+                    continue
                 for attr, shape, packed in self._decomposition_entries(name, src):
                     keys.append((name, attr, packed))
                     if src == self.rank:
@@ -796,7 +932,10 @@ class KFACPreconditioner:
                 "kl_clip": self._kl_clip,
             },
             "inverse_method": self.config.inverse_method,
-            "inverse_damping": self._inverse_damping,
+            "inverse_damping": dict(self._inverse_damping),
+            "inversions": self.inversions,
+            "layer_inversions": self.layer_inversions,
+            "adaptive": self._adaptive_state(),
             "has_factors": self._has_factors,
             "has_inverse": self._has_inverse,
             "layers": {},
@@ -878,6 +1017,35 @@ class KFACPreconditioner:
             return
         self._apply_state(state)
 
+    def _adaptive_state(self) -> dict[str, Any] | None:
+        self._sync_intervals()
+        if self._staleness is None:
+            return None
+        return {
+            name: {
+                "tracker": tracker.state_dict(),
+                "next_factor_step": self._next_factor_step.get(name, self.steps),
+                "next_inverse_step": self._next_inverse_step.get(name, self.steps),
+            }
+            for name, tracker in self.staleness_states.items()
+        }
+
+    def _load_adaptive_state(self, adaptive: dict[str, Any] | None) -> None:
+        """Per-layer intervals come back when the preconditioner already has a staleness policy
+        (the callback sets it before the state is applied); the factor copies used to measure
+        the next change are not saved, so each layer's first inversion after a resume measures
+        nothing and keeps its interval."""
+        if not adaptive or self._staleness is None:
+            return
+        for name, saved in adaptive.items():
+            tracker = self.staleness_states.get(name)
+            if tracker is None:
+                continue
+            tracker.load_state_dict(saved["tracker"])
+            self._next_factor_step[name] = int(saved["next_factor_step"])
+            self._next_inverse_step[name] = int(saved["next_inverse_step"])
+        self._due_cache = None
+
     def _apply_state(self, state: dict[str, Any]) -> None:
         plan = self._plan
         assert plan is not None
@@ -890,7 +1058,12 @@ class KFACPreconditioner:
             warnings.warn(f"K-FAC state lacks layers {missing}; they start from fresh factors", stacklevel=3)
         self._has_factors = bool(state["has_factors"]) and not missing
         self._has_inverse = bool(state["has_inverse"]) and not missing
-        self._inverse_damping = state["inverse_damping"]
+        damping = state["inverse_damping"]
+        # (a single float: states written before per-layer intervals existed)
+        self._inverse_damping = dict(damping) if isinstance(damping, dict) else {n: damping for n in self._layers}
+        self.inversions = int(state.get("inversions", 0))
+        self.layer_inversions = int(state.get("layer_inversions", 0))
+        self._load_adaptive_state(state.get("adaptive"))
         for name, saved in layers.items():
             if name not in self._layers:
                 continue
@@ -906,7 +1079,7 @@ class KFACPreconditioner:
                     setattr(layer_state, key, value.to(device=device, dtype=dtype).clone())
             if self._has_inverse and self.config.inverse_method == "eigen" and plan.is_grad_worker(name, self.rank):
                 layer_state.inv_denominator = curvature.eigen_inverse_denominator(
-                    layer_state.d_g, layer_state.d_a, self._inverse_damping
+                    layer_state.d_g, layer_state.d_a, self._inverse_damping[name]
                 )
 
 

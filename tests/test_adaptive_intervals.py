@@ -1,0 +1,87 @@
+"""Stale statistics wired into the engine: per-layer intervals that grow while factors settle,
+shrink when they move, agree on every rank, and match one process on the global batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_kfac import KFACPreconditioner
+from lightning_kfac.engine.staleness import StalenessConfig
+from tests.distributed import run_distributed
+from tests.models import MLP, SmallCNN, cnn_batches
+
+
+def _run(model, pre, batches, net=None, rank=0, world=1):
+    net = net or model
+    local = batches[0][0].shape[0] // world
+    for x, y in batches:
+        model.zero_grad()
+        F.cross_entropy(net(x[rank * local : (rank + 1) * local]), y[rank * local : (rank + 1) * local]).backward()
+        pre.step()
+
+
+def test_settled_factors_stretch_intervals_and_save_inversions():
+    torch.manual_seed(0)
+    fixed_model, adaptive_model = MLP(), MLP()
+    adaptive_model.load_state_dict(fixed_model.state_dict())
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    batches = [(x, y)] * 40  # the same batch: factors stop moving after the first updates
+    fixed = KFACPreconditioner(fixed_model, kl_clip=None, inv_update_freq=2, factor_decay=0.5)
+    adaptive = KFACPreconditioner(adaptive_model, kl_clip=None, inv_update_freq=2, factor_decay=0.5)
+    adaptive.staleness = StalenessConfig(threshold=0.01, min_interval=2, max_interval=16)
+    _run(fixed_model, fixed, batches)
+    _run(adaptive_model, adaptive, batches)
+    assert fixed.layer_inversions == 3 * 20
+    assert adaptive.layer_inversions < 0.5 * fixed.layer_inversions
+    assert all(t.inverse_interval == 16 for t in adaptive.staleness_states.values())
+    assert all(t.factor_interval == 8 for t in adaptive.staleness_states.values())  # keeps the 2:1 ratio
+
+
+def test_moving_factors_shrink_intervals_back():
+    torch.manual_seed(1)
+    model = MLP()
+    pre = KFACPreconditioner(model, kl_clip=None, inv_update_freq=8, factor_decay=0.0)
+    pre.staleness = StalenessConfig(threshold=0.01, min_interval=1, max_interval=64)
+    calm = [(torch.ones(16, 64), torch.zeros(16, dtype=torch.long))] * 40
+    _run(model, pre, calm)
+    grown = {n: t.inverse_interval for n, t in pre.staleness_states.items()}
+    assert all(v > 8 for v in grown.values())
+    generator = torch.Generator().manual_seed(0)
+    stormy = [
+        (torch.randn(16, 64, generator=generator) * (10.0 ** (i % 3)), torch.randint(0, 10, (16,), generator=generator))
+        for i in range(120)
+    ]
+    _run(model, pre, stormy)
+    assert all(t.inverse_interval < grown[n] for n, t in pre.staleness_states.items())
+    assert all(t.shrunk >= 1 for t in pre.staleness_states.values())
+
+
+def _adaptive_run(rank, world_size, fraction):
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    net = DistributedDataParallel(model) if world_size > 1 else model
+    pre = KFACPreconditioner(
+        model, lr=0.1, inv_update_freq=2, factor_dtype=torch.float64, inverse_dtype=torch.float64,
+        grad_worker_fraction=fraction,
+    )
+    pre.staleness = StalenessConfig(threshold=0.2, min_interval=2, max_interval=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in cnn_batches(16, 8, torch.float64):
+        local = 8 // world_size
+        optimizer.zero_grad()
+        F.cross_entropy(net(x[rank * local : (rank + 1) * local]), y[rank * local : (rank + 1) * local]).backward()
+        pre.step()
+        optimizer.step()
+    intervals = {n: (t.inverse_interval, t.factor_interval) for n, t in pre.staleness_states.items()}
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), intervals, pre.layer_inversions
+
+
+def test_ranks_agree_on_intervals_and_match_one_process():
+    reference, ref_intervals, ref_inversions = _adaptive_run(0, 1, 1.0)
+    for fraction in (1.0, 0.5):
+        (p0, i0, n0), (p1, i1, n1) = run_distributed(_adaptive_run, 2, fraction)
+        assert torch.equal(p0, p1) and i0 == i1 and n0 == n1
+        assert i0 == ref_intervals and n0 == ref_inversions
+        assert float((p0 - reference).norm() / reference.norm()) < 1e-9
