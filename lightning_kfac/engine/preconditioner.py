@@ -855,9 +855,10 @@ class KFACPreconditioner:
             else:
                 out = curvature.cholesky_precondition(v, state.a_inv, state.g_inv)
             # a failed decomposition (non-finite) leaves this layer's plain gradient in place
-            # (also when the result overflows the gradient's dtype, e.g. float16 models)
+            # (also when the result overflows the gradient's dtype, e.g. float16 models); the
+            # inner product <V', V> is non-finite exactly then, in one pass and no allocation
             out = out.to(grad.dtype)
-            preconditioned[name] = torch.where(torch.isfinite(out).all(), out, grad)
+            preconditioned[name] = torch.where(torch.isfinite(_inner(out, grad)), out, grad)
 
         if self._comm is not None and plan.grad_workers < self.world_size:
             self._receive_gradients(grads, preconditioned)
@@ -869,7 +870,7 @@ class KFACPreconditioner:
             for name in self._layers:  # one fixed order on every rank: bitwise-equal sums
                 grad = grads[name]
                 if grad is not None:
-                    vg_sum += (preconditioned[name].double() * grad.double()).sum()
+                    vg_sum += _inner(preconditioned[name], grad)
             scale = curvature.kl_clip_scale(vg_sum, lr_value, self._kl_clip)
         self.last_kl_scale = scale
 
@@ -1134,6 +1135,14 @@ def _make_output_grad_hook(
             pre._record_output_grad(state, batch, mask, grad)
 
     return output_grad_hook
+
+
+def _inner(a: Tensor, b: Tensor) -> Tensor:
+    """<a, b> as a float64 scalar; half-precision inputs are summed in float32."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    return torch.dot(a, b).double()
 
 
 def _autocast_off(tensor: Tensor):
