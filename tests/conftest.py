@@ -27,6 +27,7 @@ def script_env(**extra: str) -> dict[str, str]:
     """The environment for a launched script: without the rendezvous variables an in-process
     Lightning run leaves behind (a child that inherits them joins the wrong process group)."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
-    env.update(PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    # one intra-op thread per rank: N ranks x N threads on N cores makes LAPACK crawl
+    env.update(PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env.update(extra)
     return env

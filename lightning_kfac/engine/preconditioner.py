@@ -462,6 +462,38 @@ class KFACPreconditioner:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def skip_step(self) -> None:
+        """Count a step whose optimizer step will not happen (an AMP overflow): drop what the
+        hooks recorded, finish any factor exchange already in flight so every rank's
+        collectives stay matched, and touch no factor or decomposition."""
+        if self._exchange is not None:
+            self._reduce_to_owners()
+        for state in self._layers.values():
+            state.clear_batch()
+        self.steps += 1
+
+    def build_plan_from_state(self) -> bool:
+        """Collective. After :meth:`load_state_dict` before the first step: take the layers the
+        state holds factors for as the ones whose hooks fire, build the work plan and put the
+        state in force now, so that a resumed run preconditions from its first step even when
+        that step records no factors. Returns whether a plan was built."""
+        pending = self._pending_state
+        if self._plan is not None or pending is None or not pending.get("layers"):
+            return False
+        saved = set(pending["layers"])
+        for name, state in self._layers.items():
+            if name in saved:  # "fired": the saved run had factors for it
+                state.a_rows, state.g_calls = 1, 1
+        try:
+            built = self._build_plan()
+        finally:
+            for state in self._layers.values():
+                state.clear_batch()
+        # calls per micro-batch are learnt at the next factor update; until then every bucket
+        # goes at the step, as on a first step
+        self._expected_calls = {}
+        return built
+
     # --- plan ----------------------------------------------------------------------------------
     def _build_plan(self) -> bool:
         """On the first step that recorded anything: drop layers whose hooks never fired (on
@@ -541,7 +573,7 @@ class KFACPreconditioner:
 
     def _layer_complete(self, name: str) -> bool:
         """All of this step's calls of the layer have delivered their output gradient."""
-        expected = self._expected_calls.get(name)
+        expected = self._expected_calls.get(name) if self._expected_calls else None
         state = self._layers[name]
         return expected is not None and state.a_rows > 0 and state.g_calls >= expected * self.accumulation_steps
 
