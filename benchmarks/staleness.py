@@ -1,0 +1,183 @@
+"""Stale statistics (issue 5): adaptive per-layer inversion intervals vs fixed intervals on the
+Fashion-MNIST CNN.
+
+Every run: same seed, same data order, same model init, K-FAC through ``strategy="kfac_ddp"``
+on one CPU process, SGD-momentum 0.9 as the base optimizer, a fixed number of optimizer steps,
+no validation during the fit, test accuracy on the 10k test images at the end. Runs differ only
+in the inversion schedule:
+
+* ``fixed-N``: ``inv_update_freq=N``, ``factor_update_freq=F`` (``--fixed-factor-freq``, 1 by
+  default: factors every step, as the adaptive run starts);
+* ``adaptive``: starts at ``inv_update_freq=10``/``factor_update_freq=1`` and lets
+  ``StalenessConfig(threshold, min_interval, max_interval)`` grow/shrink each layer's interval
+  (the factor interval follows at ratio 10).
+
+Counts come from the engine (``preconditioner.layer_inversions``: layer inversions in total;
+``preconditioner.inversions``: steps that inverted at least one layer), read at every training
+batch end (the strategy drops its preconditioner at teardown).
+
+    nice -n 10 /tmp/venv/bin/python benchmarks/staleness.py --steps 860 --seeds 0 \
+        --fixed 10 20 50 --threshold 0.05 --min-interval 10 --max-interval 320
+
+prints a table and writes ``benchmarks/results/staleness.json`` (``--out``). ``--append`` adds
+to the runs already in the file (one run per process keeps each under a time limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import lightning_kfac  # noqa: E402,F401  (registers the kfac_ddp strategy)
+from lightning_kfac import KFACCallback  # noqa: E402
+from lightning_kfac.engine.staleness import StalenessConfig  # noqa: E402
+
+from fashion_mnist import FashionClassifier, FashionMNISTDataModule  # noqa: E402
+
+DATA_DIR = "/usr/share/datasets/fashion-mnist"
+DEFAULT_OUT = os.path.join(HERE, "results", "staleness.json")
+
+
+class InversionCounter(pl.Callback):
+    """Keeps the engine's counters and (adaptive) each layer's interval history."""
+
+    def __init__(self) -> None:
+        self.layer_inversions = 0
+        self.inversion_steps = 0
+        self.factor_layer_updates = 0
+        self.intervals: dict[str, list[tuple[int, int, float | None]]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pre = getattr(trainer.strategy, "preconditioner", None)
+        if pre is None:
+            return
+        self.layer_inversions = int(pre.layer_inversions)
+        self.inversion_steps = int(pre.inversions)
+        for name, tracker in (getattr(pre, "staleness_states", None) or {}).items():
+            history = self.intervals.setdefault(name, [])
+            entry = (int(trainer.global_step), int(tracker.inverse_interval), tracker.last_change)
+            if not history or history[-1][1:] != entry[1:]:
+                history.append(entry)
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        pre = getattr(trainer.strategy, "preconditioner", None)
+        if pre is not None and getattr(pre, "_layers", None):
+            try:
+                self.factor_layer_updates += len(pre._due_factor_layers())
+            except Exception:
+                pass
+
+
+@torch.no_grad()
+def test_accuracy(model: torch.nn.Module, dm: FashionMNISTDataModule) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in dm.test_dataloader():
+        correct += int((model(x).argmax(-1) == y).sum())
+        total += len(y)
+    return correct / total
+
+
+def run_one(label: str, seed: int, steps: int, lr: float, damping: float, kl_clip: float,
+            inv_freq: int, factor_freq: int, adaptive: StalenessConfig | None) -> dict[str, Any]:
+    pl.seed_everything(seed, workers=True)
+    dm = FashionMNISTDataModule(data_dir=DATA_DIR, batch_size=128, val_size=5000)
+    dm.setup()
+    model = FashionClassifier(arch="cnn", optimizer="sgd", lr=lr, momentum=0.9)
+    counter = InversionCounter()
+    kfac = KFACCallback(damping=damping, factor_update_freq=factor_freq, inv_update_freq=inv_freq,
+                        kl_clip=kl_clip, adaptive=adaptive, log=False, progress_bar=False, summary=False)
+    trainer = pl.Trainer(strategy="kfac_ddp", accelerator="cpu", devices=1, max_steps=steps,
+                         limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[kfac, counter])
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    wall = time.perf_counter() - start
+    acc = test_accuracy(model, dm)
+    final_intervals = {n: h[-1][1] for n, h in counter.intervals.items()}
+    return {
+        "label": label, "seed": seed, "steps": int(trainer.global_step), "lr": lr, "damping": damping,
+        "kl_clip": kl_clip, "inv_update_freq": inv_freq, "factor_update_freq": factor_freq,
+        "adaptive": adaptive.state_dict() if adaptive is not None else None,
+        "layer_inversions": counter.layer_inversions, "inversion_steps": counter.inversion_steps,
+        "factor_layer_updates": counter.factor_layer_updates,
+        "test_acc": acc, "wall_s": wall,
+        "final_intervals": final_intervals,
+        "interval_history": {n: h for n, h in counter.intervals.items()},
+    }
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    head = f"{'run':<22} {'seed':>4} {'steps':>5} {'layer inv':>9} {'inv steps':>9} {'factor upd':>10} {'test acc':>8} {'wall s':>7}  final intervals"
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        fi = ",".join(str(v) for v in r["final_intervals"].values()) if r["final_intervals"] else ""
+        lines.append(f"{r['label']:<22} {r['seed']:>4} {r['steps']:>5} {r['layer_inversions']:>9} {r['inversion_steps']:>9} "
+                     f"{r['factor_layer_updates']:>10} {r['test_acc']:>8.4f} {r['wall_s']:>7.1f}  {fi}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=860)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--fixed", type=int, nargs="*", default=[10, 20, 50])
+    p.add_argument("--fixed-factor-freq", type=int, default=0,
+                   help="factor_update_freq of the fixed runs; 0: inv_update_freq // 10 (the adaptive run's ratio)")
+    p.add_argument("--no-adaptive", action="store_true")
+    p.add_argument("--threshold", type=float, nargs="+", default=[0.05])
+    p.add_argument("--min-interval", type=int, default=10)
+    p.add_argument("--max-interval", type=int, default=320)
+    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--damping", type=float, default=0.1)
+    p.add_argument("--kl-clip", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--append", action="store_true", help="add to the runs already in --out")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available.*")
+    runs: list[dict[str, Any]] = []
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            runs = json.load(f)["runs"]
+    def save() -> None:
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "torch_threads": args.threads, "runs": runs}, f, indent=1)
+
+    for seed in args.seeds:
+        for n in args.fixed:
+            ff = args.fixed_factor_freq or max(1, n // 10)
+            runs.append(run_one(f"fixed-{n}/f{ff}", seed, args.steps, args.lr, args.damping, args.kl_clip, n, ff, None))
+            print(table(runs[-1:]), flush=True)
+            save()
+        if not args.no_adaptive:
+            for th in args.threshold:
+                cfg = StalenessConfig(threshold=th, min_interval=args.min_interval, max_interval=args.max_interval)
+                runs.append(run_one(f"adaptive-t{th:g}[{args.min_interval},{args.max_interval}]", seed, args.steps,
+                                    args.lr, args.damping, args.kl_clip, 10, 1, cfg))
+                print(table(runs[-1:]), flush=True)
+                save()
+    print(table(runs))
+    save()
+
+
+if __name__ == "__main__":
+    main()
