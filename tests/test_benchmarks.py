@@ -1,0 +1,77 @@
+"""The benchmark code must not rot: its smoke mode runs the whole pipeline (tuning, seeds, the
+2-process check, plots, RESULTS.md) on tiny budgets, on the real Fashion-MNIST files when they
+are installed and on small generated IDX files otherwise, and on generated text for task 3
+(no npm needed). Plus the IDX reader and the data module's error message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, script_env
+
+BENCH = os.path.join(ROOT, "benchmarks")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+
+@pytest.mark.parametrize("name", ["x-idx3-ubyte", "x-idx3-ubyte.gz"])
+def test_idx_roundtrip(tmp_path, name):
+    from fashion_mnist import read_idx, write_idx
+
+    data = torch.randint(0, 256, (7, 28, 28), dtype=torch.uint8)
+    write_idx(str(tmp_path / name), data)
+    assert torch.equal(read_idx(str(tmp_path / name)), data)
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+    from fashion_mnist import FashionMNISTDataModule
+
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        FashionMNISTDataModule(data_dir=str(tmp_path)).prepare_data()
+    with pytest.raises(FileNotFoundError, match="data_dir"):
+        FashionMNISTDataModule(data_dir=str(tmp_path)).setup("fit")
+
+
+def test_data_module_on_generated_files(tmp_path):
+    from fashion_mnist import FashionClassifier, FashionMNISTDataModule
+    from run import write_fake_fashion
+
+    folder = write_fake_fashion(str(tmp_path / "fm"), n_train=300, n_test=50)
+    dm = FashionMNISTDataModule(data_dir=folder, batch_size=32, val_size=100)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (200, 100, 50)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 28, 28) and y.dtype == torch.long
+    for arch in ("mlp", "cnn"):
+        assert FashionClassifier(arch=arch)(x).shape == (32, 10)
+
+
+def test_to_target():
+    from harness import to_target
+
+    evals = [{"step": 10, "epoch": 0.1, "seconds": 1.0, "acc": 0.5}, {"step": 20, "epoch": 0.2, "seconds": 2.0, "acc": 0.9}]
+    assert to_target(evals, "acc", 0.8, "max") == {"steps": 20, "epochs": 0.2, "seconds": 2.0}
+    assert to_target(evals, "acc", 0.95, "max")["steps"] is None
+    assert to_target(evals, "acc", 0.6, "min")["steps"] == 10
+
+
+def test_smoke(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, os.path.join(BENCH, "run.py"), "--smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for name in ("RESULTS.md", "time_breakdown.png", "fmnist_mlp.png", "fmnist_cnn.png", "char_lm.png", "char_lm_target.json"):
+        assert (out / name).is_file(), name
+    for task in ("fmnist_mlp", "fmnist_cnn", "char_lm"):
+        summary = json.loads((out / f"{task}.json").read_text())
+        assert set(summary["methods"]) == {"kfac", "sgd", "adamw"}
+        assert summary["methods"]["kfac"]["kfac_ms_mean"]["precondition"] is not None
+    assert json.loads((out / "fmnist_mlp.json").read_text())["dist"][0]["batch_per_process"] == 64
+    results = (out / "RESULTS.md").read_text()
+    assert "Smoke run" in results and "Distributed check" in results
