@@ -2,12 +2,23 @@ import os
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's in-process runs: on a shared CPU, multi-threaded
+    LAPACK (eigh of a rank-deficient factor) can be orders of magnitude slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

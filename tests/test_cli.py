@@ -20,14 +20,7 @@ from tests.conftest import ROOT, script_env
 CONFIGS = os.path.join(ROOT, "examples", "configs")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module's in-process runs: on a shared CPU, multi-threaded
-    LAPACK (eigh of a rank-deficient factor) can be orders of magnitude slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIGITS = os.path.join(CONFIGS, "digits_mlp.yaml")
 FASHION = os.path.join(CONFIGS, "fashion_mnist_cnn.yaml")

@@ -29,14 +29,7 @@ from tests.scripts.kfac_lit import ACCUMULATE, EvalProbe, FinalState, flat_param
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "kfac_multi.py")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module's in-process runs: on a shared CPU, multi-threaded
-    LAPACK (eigh of a rank-deficient factor) can be orders of magnitude slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 TIMEOUT = 300
