@@ -72,3 +72,22 @@ def test_killed_rank_restarts_and_resumes_with_its_kfac_state(tmp_path):
         for name, layer in reference["kfac"]["layers"].items():
             for key, value in layer.items():
                 assert torch.allclose(restarted["kfac"]["layers"][name][key], value, rtol=0, atol=1e-6), (name, key)
+
+
+def test_checkpoint_written_while_a_rank_lags_holds_every_owners_factors(tmp_path):
+    script = os.path.join(ROOT, "tests", "scripts", "lagging_checkpoint.py")
+    proc = subprocess.run([sys.executable, script, "--out", str(tmp_path)], env=script_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # rank 0 wrote only after the lagging rank caught up (the K-FAC state is gathered collectively)
+    waited = float((tmp_path / "saved.txt").read_text()) - float((tmp_path / "step-end.txt").read_text())
+    assert waited >= 2.5, waited
+    checkpoint = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)
+    state = checkpoint["kfac"]
+    owned = [torch.load(tmp_path / f"owned-rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(o["steps"] == state["steps"] == 2 for o in owned)
+    by_owner = {name: factors for o in owned for name, factors in o["owned"].items()}
+    assert set(by_owner) == set(state["layers"]) and len(by_owner) == 3
+    assert {name for o in owned for name in o["owned"]} == set(by_owner)  # each layer owned once
+    for name, (a, g) in by_owner.items():
+        assert torch.equal(state["layers"][name]["running_a"], a)
+        assert torch.equal(state["layers"][name]["running_g"], g)
