@@ -27,18 +27,28 @@ def _torchrun(out, *args: str, restarts: int = 0) -> subprocess.Popen:
         f"--rdzv-endpoint=127.0.0.1:{free_port()}", SCRIPT, "--out", str(out), *args,
     ]
     env = script_env(GLOO_SOCKET_IFNAME="lo")
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a session of its own, so that a failing test can end torchrun and its workers together
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         raise AssertionError("torchrun did not finish:\n" + output[-4000:])
+    if proc.returncode != 0:
+        _end_session(proc)
     assert proc.returncode == 0, output[-4000:]
     return output
+
+
+def _end_session(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def test_killed_rank_restarts_and_resumes_with_its_kfac_state(tmp_path):
@@ -48,8 +58,9 @@ def test_killed_rank_restarts_and_resumes_with_its_kfac_state(tmp_path):
     pid_file = faulted / "victim.pid"
     deadline = time.time() + 240
     while not pid_file.exists():
-        assert proc.poll() is None, "the job ended before the victim rank reached its step:\n" + proc.stdout.read()[-4000:]
-        assert time.time() < deadline, "the victim rank never reached its step"
+        if proc.poll() is not None or time.time() > deadline:
+            _end_session(proc)
+            raise AssertionError("the victim rank never reached its step:\n" + proc.communicate()[0][-4000:])
         time.sleep(0.2)
     # the checkpoint the restarted job will resume from, as it was before the kill
     checkpoints = sorted(os.listdir(faulted / "ckpt"))
