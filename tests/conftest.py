@@ -42,3 +42,22 @@ def script_env(**extra: str) -> dict[str, str]:
     env.update(PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env.update(extra)
     return env
+
+
+def quiet_trainer(**kwargs):
+    """A one-process CPU Trainer without logger, checkpoints, progress bar or validation;
+    keyword arguments override these defaults."""
+    import pytorch_lightning as pl
+
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)

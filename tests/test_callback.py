@@ -24,6 +24,7 @@ from lightning_kfac import KFACCallback, KFACPreconditioner
 from lightning_kfac.callback import _bytes, estimated_memory, fit_summary, layer_statistics
 from lightning_kfac.engine.staleness import LayerStaleness, StalenessConfig
 from lightning_kfac.schedules import LinearWarmup, StepDecay
+from tests.conftest import quiet_trainer
 from tests.models import MLP, SmallCNN
 
 from digits import DigitsClassifier, DigitsDataModule
@@ -40,20 +41,7 @@ REQUIRED_KEYS = (
 
 
 def _trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(
-        strategy="kfac_ddp",
-        accelerator="cpu",
-        devices=1,
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    return quiet_trainer(**{"strategy": "kfac_ddp", "max_steps": 6, **kwargs})
 
 
 def _fit(trainer: pl.Trainer, model, **kwargs) -> None:

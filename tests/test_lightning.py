@@ -14,25 +14,13 @@ from pytorch_lightning.strategies import StrategyRegistry
 
 import lightning_kfac
 from lightning_kfac import KFACCallback, KFACDDPStrategy
-from tests.conftest import ROOT, script_env
+from tests.conftest import ROOT, quiet_trainer, script_env
 
 from digits import DigitsClassifier, DigitsDataModule
 
 
 def _trainer(strategy, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=15,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(strategy=strategy, **defaults)
+    return quiet_trainer(**{"strategy": strategy, "max_steps": 15, **kwargs})
 
 
 def test_strategy_string_is_registered_and_reimport_is_harmless():
