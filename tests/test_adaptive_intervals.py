@@ -39,6 +39,24 @@ def test_settled_factors_stretch_intervals_and_save_inversions():
     assert all(t.factor_interval == 8 for t in adaptive.staleness_states.values())  # keeps the 2:1 ratio
 
 
+def test_sampling_noise_alone_does_not_hold_a_wide_layer_at_short_intervals():
+    # i.i.d. batches of 8 rows for a 64-wide layer, weights frozen: the true factors stand still,
+    # but each batch factor is a poor estimate, so the running averages keep moving by noise.
+    # Raw changes stay above the threshold at every interval; net of noise they fall below it.
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 64, generator=generator), torch.randint(0, 10, (8,), generator=generator)) for _ in range(200)]
+    intervals = {}
+    for corrected in (False, True):
+        torch.manual_seed(0)
+        model = MLP()
+        pre = KFACPreconditioner(model, kl_clip=None, inv_update_freq=4, factor_update_freq=1, factor_decay=0.9)
+        pre.staleness = StalenessConfig(threshold=0.1, min_interval=4, max_interval=64, noise_corrected=corrected)
+        _run(model, pre, batches)
+        intervals[corrected] = [t.inverse_interval for t in pre.staleness_states.values()]
+    assert max(intervals[False]) <= 8, intervals
+    assert min(intervals[True]) >= 32, intervals
+
+
 def test_moving_factors_shrink_intervals_back():
     torch.manual_seed(1)
     model = MLP()

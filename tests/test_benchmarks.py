@@ -75,3 +75,21 @@ def test_smoke(tmp_path):
     assert json.loads((out / "fmnist_mlp.json").read_text())["dist"][0]["batch_per_process"] == 64
     results = (out / "RESULTS.md").read_text()
     assert "Smoke run" in results and "Distributed check" in results
+
+
+def test_step_cost_quick_run_writes_its_table(tmp_path):
+    # the per-step cost benchmark (issue 9) end to end on its smallest configuration: one
+    # round, the 1/1 setting, the CNN, cholesky and bf16-factor eigen rows
+    out = tmp_path / "step_cost.json"
+    cmd = [sys.executable, os.path.join(BENCH, "step_cost.py"), "--quick", "--threads", "1", "--models", "cnn",
+           "--methods", "cholesky", "eigen", "--factor-dtypes", "bfloat16", "--warmup", "2", "--out", str(out)]
+    done = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["factor_dtype"]) for r in rows] == [("cholesky", "float32"), ("eigen", "float32"), ("eigen", "bfloat16")]
+    for row in rows:
+        assert row["kfac_ms"] > 0 and row["floor_ms"] > row["sgd_ms"] > 0
+        assert set(row["floor_pieces_ms"]) == {"factors_ms", "decompositions_ms", "precondition_ms"}
+    assert rows[1]["kfac_over_peer"] == pytest.approx(rows[1]["kfac_over_sgd"] / 12.2)
+    assert rows[2]["peer_over_sgd"] is None
+    assert "x floor" in done.stdout

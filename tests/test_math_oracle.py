@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_kfac import KFACPreconditioner
+from lightning_kfac.engine import curvature
 
 
 
@@ -116,6 +117,26 @@ def test_running_average_first_update_replaces_then_ema():
         assert _relative_error(running_g, expected_g) <= 1e-12
 
 
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_in_place_running_average_and_finiteness_check(bad):
+    torch.manual_seed(0)
+    running = torch.rand(6, 6, dtype=torch.float64)
+    batch = torch.rand(6, 6, dtype=torch.float64)
+    before = running.clone()
+    expected = 0.9 * running + 0.1 * (2.5 * batch)
+    if bad is not None:
+        batch[2, 3] = bad
+    finite = curvature.all_finite(batch)
+    assert bool(finite) == (bad is None) == bool(torch.isfinite(batch).all())
+    out = curvature.running_average_(running, batch, 0.9, finite, scale=2.5)
+    assert out is running
+    if bad is None:
+        assert _relative_error(running, expected) <= 1e-15
+    else:
+        assert torch.equal(running, before)  # exactly unchanged, no NaN leaked through
+    assert bool(curvature.all_finite(torch.empty(0)))
+
+
 def test_factor_update_freq_skips_recording():
     layer, x, t = _linear_problem(10, 4, 3, True, seed=1)
     pre = KFACPreconditioner(layer, factor_update_freq=2, factor_decay=0.5, kl_clip=None, factor_dtype=torch.float64)
@@ -210,3 +231,17 @@ def test_conv2d_step_equals_kronecker_solve():
     out = torch.cat([conv.weight.grad.reshape(3, -1), conv.bias.grad[:, None]], dim=1)
     expected = torch.linalg.solve(torch.kron(g, a) + damping * torch.eye(g.numel() // g.shape[0] * a.shape[0]), v.reshape(-1))
     assert _relative_error(out, expected.reshape(v.shape)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cholesky_inverses_are_exactly_symmetric_as_a_receiver_unpacks_them(dtype):
+    # owners keep the inverse they computed, receivers unpack its upper triangle: the two must be
+    # the same matrix bit for bit, row-major, for every rank's matmuls to agree
+    torch.manual_seed(0)
+    x = torch.randn(400, 129, dtype=dtype)
+    a = x.T @ x / 400
+    g = a[:33, :33].clone()
+    for inverse in curvature.damped_cholesky_inverses(a, g, 1e-3, dtype):
+        n = inverse.shape[0]
+        assert inverse.is_contiguous()
+        assert torch.equal(inverse, curvature.unpack_symmetric(curvature.pack_symmetric(inverse), n))

@@ -8,7 +8,14 @@ import math
 import pytest
 import torch
 
-from lightning_kfac.engine.staleness import LayerStaleness, StalenessConfig, layer_change, relative_change
+from lightning_kfac.engine.staleness import (
+    LayerStaleness,
+    StalenessConfig,
+    corrected_relative_change,
+    layer_change,
+    noise_floor_sq,
+    relative_change,
+)
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -25,6 +32,8 @@ from lightning_kfac.engine.staleness import LayerStaleness, StalenessConfig, lay
         (dict(shrink=-0.5), ValueError, ["shrink", "-0.5"]),
         (dict(threshold=0.1, shrink_threshold=0.05), ValueError, ["shrink_threshold", "threshold=0.1", "0.05"]),
         (dict(threshold=float("inf")), ValueError, ["threshold", "finite"]),
+        (dict(noise_corrected=1), TypeError, ["noise_corrected", "True or False", "1"]),
+        (dict(max_factor_interval=0), ValueError, ["max_factor_interval", ">= 1", "0"]),
     ],
 )
 def test_config_validates_itself(kwargs, error, words):
@@ -186,3 +195,84 @@ def test_steady_drift_settles_on_one_interval_instead_of_oscillating():
     tail = intervals[-10:]
     assert len(set(tail)) == 1  # settled (the band between threshold and growth x threshold)
     assert 1 < tail[0] < 10_000
+
+
+# --- sampling-noise correction ------------------------------------------------------------------
+def _ema_run(steps: int, decay: float, dim: int, rows: int, drift_per_step: float, generator: torch.Generator):
+    """Running averages of batch covariances from `rows` samples of N(0, S_t), with S_t drifting
+    along a fixed direction; returns the running values and each update's ||B_t - A_(t-1)||^2."""
+    base = torch.diag(torch.linspace(1.0, 2.0, dim, dtype=torch.float64))
+    direction = torch.zeros(dim, dim, dtype=torch.float64)
+    direction[0, 0] = 1.0
+    running, history, deviations = None, [], []
+    for t in range(steps):
+        cov = base + drift_per_step * t * direction
+        x = torch.randn(rows, dim, generator=generator, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+        batch = x.T @ x / rows
+        if running is not None:
+            deviations.append(float(torch.linalg.vector_norm(batch - running) ** 2))
+        running = batch.clone() if running is None else decay * running + (1 - decay) * batch
+        history.append(running)
+    return history, deviations
+
+
+def test_noise_floor_matches_the_monte_carlo_change_of_a_stationary_running_average():
+    # an independent check of the formula: simulate the stationary process many times and
+    # compare E||A_t - A_(t-T)||^2 with (1 - decay)(1 - decay^T) E||B_t - A_(t-1)||^2
+    generator = torch.Generator().manual_seed(0)
+    decay, interval = 0.9, 8
+    observed, predicted = [], []
+    for _ in range(40):
+        history, deviations = _ema_run(120, decay, 12, 16, 0.0, generator)
+        observed.append(float(torch.linalg.vector_norm(history[-1] - history[-1 - interval]) ** 2))
+        predicted.append(float(noise_floor_sq(sum(deviations[-interval:]) / interval, decay, interval)))
+    ratio = (sum(observed) / len(observed)) / (sum(predicted) / len(predicted))
+    assert 0.8 < ratio < 1.25, ratio
+    assert noise_floor_sq(3.0, 0.5, 0) == 0.0
+
+
+def test_noise_correction_sees_through_sampling_noise_and_keeps_real_drift():
+    generator = torch.Generator().manual_seed(1)
+    decay, interval = 0.95, 20
+    # stationary factors from few rows: the raw change is large, the corrected one is small
+    history, deviations = _ema_run(200, decay, 16, 8, 0.0, generator)
+    new, old = history[-1], history[-1 - interval]
+    mean_deviation = sum(deviations[-interval:]) / interval
+    raw = float(relative_change(new, old))
+    corrected = float(corrected_relative_change(new, old, mean_deviation, decay, interval))
+    assert raw > 0.1
+    assert corrected < 0.5 * raw
+    # a drift well above the noise survives the correction: the true relative change of S over
+    # the window is 20 * 0.05 / ||S_old||_F; the EMA sees it with a lag, so it is read at
+    # within a factor of two
+    history, deviations = _ema_run(200, decay, 16, 4000, 0.05, generator)
+    new, old = history[-1], history[-1 - interval]
+    mean_deviation = sum(deviations[-interval:]) / interval
+    corrected = float(corrected_relative_change(new, old, mean_deviation, decay, interval))
+    s_old = torch.diag(torch.linspace(1.0, 2.0, 16, dtype=torch.float64))
+    s_old[0, 0] += 0.05 * (199 - interval)
+    true_change = 0.05 * interval / float(torch.linalg.vector_norm(s_old))
+    assert 0.5 * true_change < corrected < 1.5 * true_change, (corrected, true_change)
+    assert corrected > 0.9 * float(relative_change(new, old))
+
+
+def test_corrected_change_conventions():
+    old = torch.eye(3)
+    assert float(corrected_relative_change(old.clone(), old, 0.0, 0.9, 5)) == 0.0
+    # a difference the noise fully explains reads as no change
+    assert float(corrected_relative_change(old * 1.1, old, 1e6, 0.9, 5)) == 0.0
+    zero = torch.zeros(3, 3)
+    assert float(corrected_relative_change(zero, zero, 0.0, 0.9, 5)) == 0.0
+    assert math.isinf(float(corrected_relative_change(old, zero, 0.0, 0.9, 5)))
+    with pytest.raises(ValueError, match="one shape"):
+        corrected_relative_change(torch.eye(2), torch.eye(3), 0.0, 0.9, 1)
+
+
+def test_factor_interval_cap_keeps_running_averages_fresh_under_long_inversion_intervals():
+    capped = LayerStaleness(StalenessConfig(threshold=0.1, max_interval=320, max_factor_interval=10), 10, 1)
+    free = LayerStaleness(StalenessConfig(threshold=0.1, max_interval=320), 10, 1)
+    for tracker in (capped, free):
+        for _ in range(6):
+            tracker.observe(0.0)
+    assert capped.inverse_interval == free.inverse_interval == 320
+    assert (capped.factor_interval, free.factor_interval) == (10, 32)

