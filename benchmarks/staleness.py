@@ -142,6 +142,8 @@ def main() -> None:
     p.add_argument("--threshold", type=float, nargs="+", default=[0.05])
     p.add_argument("--min-interval", type=int, default=10)
     p.add_argument("--max-interval", type=int, default=320)
+    p.add_argument("--max-factor-interval", type=int, default=0,
+                   help="cap on the adaptive factor-update interval (0: none, it follows at ratio 10)")
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--damping", type=float, default=0.1)
     p.add_argument("--kl-clip", type=float, default=1e-3)
@@ -170,8 +172,11 @@ def main() -> None:
             save()
         if not args.no_adaptive:
             for th in args.threshold:
-                cfg = StalenessConfig(threshold=th, min_interval=args.min_interval, max_interval=args.max_interval)
-                runs.append(run_one(f"adaptive-t{th:g}[{args.min_interval},{args.max_interval}]", seed, args.steps,
+                cap = args.max_factor_interval or None
+                cfg = StalenessConfig(threshold=th, min_interval=args.min_interval, max_interval=args.max_interval,
+                                      max_factor_interval=cap)
+                label = f"adaptive-t{th:g}[{args.min_interval},{args.max_interval}]" + (f"/f<={cap}" if cap else "")
+                runs.append(run_one(label, seed, args.steps,
                                     args.lr, args.damping, args.kl_clip, 10, 1, cfg))
                 print(table(runs[-1:]), flush=True)
                 save()
