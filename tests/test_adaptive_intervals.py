@@ -3,6 +3,7 @@ shrink when they move, agree on every rank, and match one process on the global 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -55,6 +56,12 @@ def test_sampling_noise_alone_does_not_hold_a_wide_layer_at_short_intervals():
         intervals[corrected] = [t.inverse_interval for t in pre.staleness_states.values()]
     assert max(intervals[False]) <= 8, intervals
     assert min(intervals[True]) >= 32, intervals
+
+
+def test_adaptive_intervals_refuse_split_factors():
+    pre = KFACPreconditioner(MLP(), kl_clip=None, split_factors=True)
+    with pytest.raises(ValueError, match="split_factors=True"):
+        pre.staleness = StalenessConfig()
 
 
 def test_moving_factors_shrink_intervals_back():

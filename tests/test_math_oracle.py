@@ -123,18 +123,38 @@ def test_in_place_running_average_and_finiteness_check(bad):
     running = torch.rand(6, 6, dtype=torch.float64)
     batch = torch.rand(6, 6, dtype=torch.float64)
     before = running.clone()
-    expected = 0.9 * running + 0.1 * (2.5 * batch)
+    expected = 0.9 * running + 0.1 * batch
     if bad is not None:
         batch[2, 3] = bad
     finite = curvature.all_finite(batch)
     assert bool(finite) == (bad is None) == bool(torch.isfinite(batch).all())
-    out = curvature.running_average_(running, batch, 0.9, finite, scale=2.5)
+    out = curvature.running_average_(running, batch, 0.9, finite)
     assert out is running
     if bad is None:
         assert _relative_error(running, expected) <= 1e-15
     else:
         assert torch.equal(running, before)  # exactly unchanged, no NaN leaked through
     assert bool(curvature.all_finite(torch.empty(0)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("decay", [0.95, 0.99])
+def test_in_place_running_average_does_not_drift_in_half_precision(dtype, decay):
+    # thousands of updates of a low-precision factor must stay at the float64 average: the two
+    # weights have to sum to one exactly (a separately rounded d and 1 - d shrinks or grows it).
+    # The batches spread widely enough that each update moves a bf16 value by more than half
+    # an ulp; narrower ones stall any bf16 running average at decay 0.99, in place or not.
+    generator = torch.Generator().manual_seed(0)
+    running, reference = None, None
+    for _ in range(3000):
+        batch = 2.0 + 4.0 * (torch.rand(16, 16, generator=generator, dtype=torch.float64) - 0.5)
+        if running is None:
+            running, reference = batch.to(dtype), batch.clone()
+            continue
+        reference = decay * reference + (1 - decay) * batch
+        low = batch.to(dtype)
+        curvature.running_average_(running, low, decay, curvature.all_finite(low))
+    assert abs(float(running.double().mean() / reference.mean()) - 1.0) < 0.02
 
 
 def test_factor_update_freq_skips_recording():

@@ -40,16 +40,14 @@ def running_average(running: Tensor | None, batch: Tensor, decay: float, finite:
     return torch.where(finite, updated, running)
 
 
-def running_average_(running: Tensor, batch: Tensor, decay: float, finite: Tensor, scale: float | Tensor = 1.0) -> Tensor:
-    """In place, :func:`running_average` of ``scale * batch`` into ``running``, with no
-    temporary of the factor's size: ``running <- d running + (1 - d) scale batch``, where d is
-    ``decay`` when ``finite`` holds and 1 otherwise (the running value stays exactly).
-    ``batch`` is the caller's scratch: its NaN/Inf entries are zeroed (``0 * NaN`` would
-    otherwise reach ``running``)."""
+def running_average_(running: Tensor, batch: Tensor, decay: float, finite: Tensor) -> Tensor:
+    """In place, :func:`running_average` into ``running`` with no temporary of the factor's
+    size: ``running <- running + w (batch - running)`` with ``w = 1 - decay`` when ``finite``
+    holds and 0 otherwise (then ``running`` stays exactly). The lerp form keeps the two weights
+    summing to one in bf16/fp16 too, where ``d * running + (1 - d) * batch`` drifts. ``batch`` is
+    the caller's scratch: its NaN/Inf entries are zeroed (``0 * NaN`` would reach ``running``)."""
     batch.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    weight = finite.to(running.dtype) * (1.0 - decay)
-    running.mul_(1.0 - weight).addcmul_(batch, weight * scale)
-    return running
+    return running.lerp_(batch, finite.to(running.dtype) * (1.0 - decay))
 
 
 # --- eigen -----------------------------------------------------------------------------------
@@ -107,7 +105,7 @@ def _spd_inverse(matrix: Tensor, shift: Tensor) -> Tensor:
     # the result must be exactly symmetric, as from its upper triangle: that is what a receiver
     # unpacks after a packed broadcast. torch's CPU kernel already mirrors one triangle into the
     # other (column-major), so its transpose is that matrix, row-major, for free; elsewhere mirror.
-    if inverse.device.type == "cpu":
+    if inverse.device.type == "cpu" and inverse.mT.is_contiguous():
         return inverse.mT
     return inverse.triu() + inverse.triu(1).mT
 

@@ -167,9 +167,10 @@ class KFACPreconditioner:
         self._next_factor_step: dict[str, int] = {}
         self._next_inverse_step: dict[str, int] = {}
         self._inverted_copies: dict[str, tuple[Tensor, Tensor]] = {}
-        # adaptive mode, owners: (sum of ||B_t - A_(t-1)||_F^2 on the device, factor updates)
-        # per (layer, "a"/"g") since the layer's last inversion: the sampling-noise estimate
-        self._deviation: dict[tuple[str, str], tuple[Tensor, int]] = {}
+        # adaptive mode, owners: (sum of ||B_t - A_(t-1)||_F^2 and count of finite updates on
+        # the device, count of all updates) per (layer, "a"/"g") since the layer's last
+        # inversion: the sampling-noise estimate
+        self._deviation: dict[tuple[str, str], tuple[Tensor, Tensor, int]] = {}
         self._pending_intervals: tuple[Any, Tensor, list[str], int] | None = None
         self._due_cache: tuple[int, frozenset[str]] | None = None
         #: steps that inverted at least one layer, and layer inversions in total (same on every rank)
@@ -240,6 +241,11 @@ class KFACPreconditioner:
     def staleness(self, value: StalenessConfig | None) -> None:
         if value is not None and not isinstance(value, StalenessConfig):
             raise TypeError(f"staleness must be a StalenessConfig or None, got {type(value).__name__}")
+        if value is not None and self.config.split_factors:
+            raise ValueError(
+                "staleness (adaptive intervals) measures each layer's change on the rank holding both "
+                "of its factors; it cannot be combined with split_factors=True (set split_factors=False)"
+            )
         if value == self._staleness:
             return
         self._sync_intervals()
@@ -679,26 +685,48 @@ class KFACPreconditioner:
     def _update_running(self, state: _LayerState, which: str, batch: Tensor, scale: float | Tensor = 1.0) -> None:
         """Running average of one factor, ``scale * batch`` (``batch`` is scratch, updated in
         place). A non-finite batch factor (NaN/Inf activations or output gradients, an
-        overflowed AMP step) is dropped: the running value stays."""
+        overflowed AMP step or loss scale) is dropped: the running value stays."""
         attr = "running_a" if which == "a" else "running_g"
         running = getattr(state, attr)
+        if isinstance(scale, Tensor) or scale != 1.0:
+            batch.mul_(scale)
         finite = curvature.all_finite(batch)
         if running is None:
             if not bool(finite):  # one host check per factor, on its first update only
                 self._report_nonfinite(state.layer.name)
                 return
-            setattr(state, attr, batch * scale)
+            setattr(state, attr, batch.clone())
             return
-        if self._staleness is not None and self._staleness.noise_corrected:
-            key = (state.layer.name, which)
-            deviation = torch.linalg.vector_norm((batch * scale - running).double()).square()
-            deviation = torch.where(finite, deviation, torch.zeros_like(deviation))
-            total, updates = self._deviation.get(key, (None, 0))
-            self._deviation[key] = (deviation if total is None else total.add_(deviation), updates + 1)
-        curvature.running_average_(running, batch, self._factor_decay, finite, scale)
+        if self._tracks_deviation(state.layer.name):
+            self._record_deviation(state.layer.name, which, batch, running, finite)
+        curvature.running_average_(running, batch, self._factor_decay, finite)
         # counted on the device; read at the next inversion, which synchronises anyway
         skipped = (~finite).to(torch.int64)
         state.nonfinite = skipped if state.nonfinite is None else state.nonfinite.add_(skipped)
+
+    def _tracks_deviation(self, name: str) -> bool:
+        """Noise-corrected staleness: the rank that measures the layer's change (it holds both
+        running factors) keeps the sampling-noise statistics."""
+        plan = self._plan
+        return (
+            self._staleness is not None
+            and self._staleness.noise_corrected
+            and plan is not None
+            and plan.a_owner[name] == plan.g_owner[name] == self.rank
+        )
+
+    def _record_deviation(self, name: str, which: str, batch: Tensor, running: Tensor, finite: Tensor) -> None:
+        """Adds ||B_t - A_(t-1)||_F^2 of a finite update to the layer's noise statistics (sum and
+        count on the device; the count of all updates, for decay^T, on the host)."""
+        deviation = torch.linalg.vector_norm(batch - running, dtype=torch.float64).square()
+        counted = finite.to(torch.float64)
+        deviation = torch.where(finite, deviation, torch.zeros_like(deviation))
+        previous = self._deviation.get((name, which))
+        if previous is None:
+            self._deviation[(name, which)] = (deviation, counted, 1)
+        else:
+            total, finite_updates, updates = previous
+            self._deviation[(name, which)] = (total.add_(deviation), finite_updates.add_(counted), updates + 1)
 
     def _report_nonfinite(self, name: str, count: int = 1) -> None:
         self.nonfinite_factor_updates += count
@@ -808,10 +836,12 @@ class KFACPreconditioner:
         """Relative change of one running factor since the layer's last inversion, less what
         sampling noise explains when the policy asks for it (see ``engine/staleness.py``)."""
         assert self._staleness is not None
-        total, updates = self._deviation.get((name, which), (None, 0))
-        if not self._staleness.noise_corrected or total is None:
+        recorded = self._deviation.get((name, which))
+        if not self._staleness.noise_corrected or recorded is None:
             return relative_change(new, old)
-        return corrected_relative_change(new, old, total / updates, self._factor_decay, updates)
+        total, finite_updates, updates = recorded
+        mean = torch.where(finite_updates > 0, total / finite_updates.clamp(min=1.0), torch.zeros_like(total))
+        return corrected_relative_change(new, old, mean, self._factor_decay, updates)
 
     def _sync_intervals(self) -> None:
         if self._pending_intervals is None:
