@@ -115,19 +115,31 @@ class KFACLayer:
             matrix = torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
         return matrix
 
-    def write_grad(self, matrix: Tensor) -> None:
+    def write_grad(self, matrix: Tensor, scale: Tensor | None = None) -> None:
+        """Writes ``scale * matrix`` (``scale``: a 0-dim tensor or None) into the parameters'
+        gradients: one pass, the scaling fused into the copy."""
         weight = self.weight
         n_weight = weight[0].numel()
-        target = weight.grad
-        if target.is_contiguous():  # one copy; reshape_as of the column slice would copy twice
-            target.view(self.g_dim, n_weight).copy_(matrix[:, :n_weight])  # type: ignore[union-attr]
-        else:
-            target.copy_(matrix[:, :n_weight].reshape_as(weight))  # type: ignore[union-attr]
+        _write_scaled(weight.grad, matrix[:, :n_weight], scale, (self.g_dim, n_weight))  # type: ignore[arg-type]
         if self.has_bias:
             bias = self.module.bias
             if bias.grad is None:  # type: ignore[union-attr]
                 bias.grad = torch.zeros_like(bias)  # type: ignore[union-attr]
-            bias.grad.copy_(matrix[:, n_weight])  # type: ignore[union-attr]
+            _write_scaled(bias.grad, matrix[:, n_weight], scale, (self.g_dim,))  # type: ignore[union-attr,arg-type]
+
+
+def _write_scaled(target: Tensor, source: Tensor, scale: Tensor | None, shape: tuple[int, ...]) -> None:
+    """target[...] = scale * source, with ``source`` seen in ``shape``; no temporary when the
+    target is contiguous (reshape of a column slice would copy, then copy again)."""
+    if target.is_contiguous():
+        view = target.view(shape)
+        if scale is None:
+            view.copy_(source)
+        else:
+            torch.mul(source, scale, out=view)
+        return
+    value = source if scale is None else source * scale
+    target.copy_(value.reshape(target.shape))
 
 
 class LinearLayer(KFACLayer):
@@ -237,8 +249,9 @@ class EmbeddingLayer(KFACLayer):
         grad = self.weight.grad
         return None if grad is None else grad.T
 
-    def write_grad(self, matrix: Tensor) -> None:
-        self.weight.grad.copy_(matrix.T)  # type: ignore[union-attr]
+    def write_grad(self, matrix: Tensor, scale: Tensor | None = None) -> None:
+        grad = self.weight.grad
+        _write_scaled(grad, matrix.T, scale, tuple(grad.shape))  # type: ignore[union-attr,arg-type]
 
 
 def make_layer(name: str, module: nn.Module) -> tuple[KFACLayer | None, str | None]:

@@ -969,9 +969,7 @@ class KFACPreconditioner:
         for name, out in preconditioned.items():
             if grads[name] is None:
                 continue
-            if scale is not None:
-                out = out.mul_(scale.to(out.dtype))
-            self._layers[name].layer.write_grad(out)
+            self._layers[name].layer.write_grad(out, None if scale is None else scale.to(out.dtype))
 
     def _receive_gradients(self, grads: dict[str, Tensor | None], preconditioned: dict[str, Tensor]) -> None:
         plan = self._plan

@@ -36,9 +36,10 @@ subtracts the change that noise alone explains before taking the ratio
     noise^2 = (1 - decay) (1 - decay^T) m            (T: factor updates between the inversions)
     change  = sqrt(max(0, ||A_new - A_old||_F^2 - noise^2)) / ||A_old||_F
 
-For i.i.d. batch estimates B_t = S + E_t around a fixed S, E||A_t - A_(t-T)||^2 is exactly that
-noise^2 and E[m] = 2 s^2 / (1 + decay) with s^2 = E||E_t||^2; a drift of S adds to the first
-term and shows through (:func:`noise_floor_sq`).
+For i.i.d. batch estimates B_t = S + E_t around a fixed S (s^2 = E||E_t||^2, stationary average),
+E||A_t - A_(t-T)||^2 = 2 s^2 (1 - decay)(1 - decay^T) / (1 + decay) and E[m] = 2 s^2 / (1 + decay),
+so the first is (1 - decay)(1 - decay^T) E[m] (:func:`noise_floor_sq`); a drift of S adds to
+||A_new - A_old||^2 and shows through. A layer's change is the larger of its two factors'.
 
 Everything here is deterministic given the sequence of measured changes, so ranks that learn
 the owner's decision (an int) or its measurement (a float) agree without further talk.
