@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.trainers import quiet_trainer  # noqa: F401  (re-exported for the test modules)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 if EXAMPLES not in sys.path:
@@ -44,20 +46,3 @@ def script_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def quiet_trainer(**kwargs):
-    """A one-process CPU Trainer without logger, checkpoints, progress bar or validation;
-    keyword arguments override these defaults."""
-    import pytorch_lightning as pl
-
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kfac import KFACCallback, KFACDDPStrategy, KFACPreconditioner
+from tests.conftest import quiet_trainer
 from tests.scripts.kfac_lit import EvalProbe, SyntheticData, TinyNet, flat_params, recorded_now, running_factors, synthetic
 
 LR = 0.1
@@ -33,19 +34,7 @@ def make_trainer(strategy="kfac_ddp", callbacks=None, **kwargs) -> pl.Trainer:
     """One CPU process. Lightning always reshuffles the training data through a
     DistributedSampler under a DDP strategy; tests that need the data in order pass
     ``use_distributed_sampler=False`` with an unshuffled loader."""
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        deterministic=True,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(strategy=strategy, callbacks=callbacks, **defaults)
+    return quiet_trainer(**{"strategy": strategy, "callbacks": callbacks, "deterministic": True, **kwargs})
 
 
 def kfac_callback(**overrides) -> KFACCallback:

@@ -15,6 +15,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 
 import lightning_kfac  # noqa: E402,F401
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+from tests.trainers import quiet_trainer  # noqa: E402
 
 
 def main() -> None:
@@ -27,19 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
     model = DigitsClassifier(lr=0.05)
-    trainer = pl.Trainer(
-        strategy=args.strategy,
-        accelerator="cpu",
-        devices=args.devices,
-        max_steps=args.max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
+    trainer = quiet_trainer(strategy=args.strategy, devices=args.devices, max_steps=args.max_steps, deterministic=True)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=args.batch_size))
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.save({"params": params, "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}},

@@ -26,7 +26,7 @@ sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 import torch  # noqa: E402
 
 import lightning_kfac  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
+from tests.trainers import quiet_trainer  # noqa: E402
 from kfac_lit import (  # noqa: E402
     ACCUMULATE,
     EvalProbe,
@@ -68,21 +68,14 @@ def run_amp_overflow(args) -> None:
     scaler skips the step while this step's factor reductions are already in flight."""
     watch = StepWatch()
     model = OverflowNet(bad_batch=2, lr=0.1)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         strategy=lightning_kfac.KFACDDPStrategy(),
         callbacks=[lightning_kfac.KFACCallback(damping=1e-2, inv_update_freq=1, factor_decay=0.5, kl_clip=None), watch],
         plugins=[cpu_fp16_plugin()],
-        accelerator="cpu",
         devices=args.devices,
         num_nodes=args.num_nodes,
         max_steps=4,
         accumulate_grad_batches=ACCUMULATE,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=SyntheticData(batch_size=8, n=128))
     torch.save(

@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 
 import lightning_kfac  # noqa: E402
 from kfac_lit import SyntheticData, TinyNet  # noqa: E402
+from tests.trainers import quiet_trainer  # noqa: E402
 
 LAG = 3.0
 CHECKPOINT_STEP = 2
@@ -54,21 +55,16 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         strategy="kfac_ddp",
         callbacks=[
             lightning_kfac.KFACCallback(damping=1e-2, inv_update_freq=2, summary=False),
             Lagger(args.out),
             SaveTimer(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=CHECKPOINT_STEP, save_top_k=-1),
         ],
-        accelerator="cpu",
         devices=2,
         max_steps=CHECKPOINT_STEP + 1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
+        enable_checkpointing=True,
     )
     trainer.fit(TinyNet(lr=0.1), datamodule=SyntheticData(batch_size=16, n=96))
 
