@@ -25,25 +25,12 @@ def all_finite(tensor: Tensor) -> Tensor:
     return torch.isfinite(low) & torch.isfinite(high)
 
 
-def running_average(running: Tensor | None, batch: Tensor, decay: float, finite: Tensor | None = None) -> Tensor:
-    """First update replaces; later ``decay * running + (1 - decay) * batch``.
-
-    A non-finite batch factor (NaN/Inf from an overflowed step) leaves the running value as it
-    was, decided on the device without a host synchronisation (``finite``: the caller's
-    :func:`all_finite` of ``batch``, when it has it already).
-    """
-    if running is None:
-        return batch.clone()
-    if finite is None:
-        finite = all_finite(batch)
-    updated = torch.lerp(batch, running, decay) if decay > 0 else batch.clone()
-    return torch.where(finite, updated, running)
-
-
 def running_average_(running: Tensor, batch: Tensor, decay: float, finite: Tensor) -> Tensor:
-    """In place, :func:`running_average` into ``running`` with no temporary of the factor's
-    size: ``running <- running + w (batch - running)`` with ``w = 1 - decay`` when ``finite``
-    holds and 0 otherwise (then ``running`` stays exactly). The lerp form keeps the two weights
+    """The running average ``decay * running + (1 - decay) * batch``, in place and with no
+    temporary of the factor's size: ``running <- running + w (batch - running)`` with
+    ``w = 1 - decay`` when ``finite`` (:func:`all_finite` of ``batch``) holds and 0 otherwise,
+    so a non-finite batch factor leaves ``running`` exactly as it was, decided on the device
+    without a host synchronisation. (The first update, which replaces, is the caller's.) The lerp form keeps the two weights
     summing to one in bf16/fp16 too, where ``d * running + (1 - d) * batch`` drifts. ``batch`` is
     the caller's scratch: its NaN/Inf entries are zeroed (``0 * NaN`` would reach ``running``)."""
     batch.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)

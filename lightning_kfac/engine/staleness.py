@@ -177,10 +177,12 @@ def relative_change(new: Tensor, old: Tensor) -> Tensor:
     if new.shape != old.shape:
         raise ValueError(f"relative_change needs tensors of one shape, got {tuple(new.shape)} and {tuple(old.shape)}")
     new64, old64 = new.detach().double(), old.detach().double()
-    diff = torch.linalg.vector_norm(new64 - old64)
-    base = torch.linalg.vector_norm(old64)
-    ratio = diff / base
-    return torch.where(base > 0, ratio, torch.where(diff > 0, torch.full_like(diff, math.inf), torch.zeros_like(diff)))
+    return _ratio(torch.linalg.vector_norm(new64 - old64), torch.linalg.vector_norm(old64))
+
+
+def _ratio(change: Tensor, base: Tensor) -> Tensor:
+    """change / base, with 0 / 0 = 0 and x / 0 = inf for x > 0."""
+    return torch.where(base > 0, change / base, torch.where(change > 0, torch.full_like(change, math.inf), torch.zeros_like(change)))
 
 
 def noise_floor_sq(deviation_sq_mean: Tensor | float, decay: float, updates: int) -> Tensor | float:
@@ -202,9 +204,7 @@ def corrected_relative_change(new: Tensor, old: Tensor, deviation_sq_mean: Tenso
     diff_sq = torch.linalg.vector_norm(new64 - old64).square()
     noise_sq = torch.as_tensor(noise_floor_sq(deviation_sq_mean, decay, updates), dtype=torch.float64, device=new.device)
     signal = (diff_sq - noise_sq).clamp(min=0.0).sqrt()
-    base = torch.linalg.vector_norm(old64)
-    ratio = signal / base
-    return torch.where(base > 0, ratio, torch.where(signal > 0, torch.full_like(signal, math.inf), torch.zeros_like(signal)))
+    return _ratio(signal, torch.linalg.vector_norm(old64))
 
 
 def layer_change(pairs: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
