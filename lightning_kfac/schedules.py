@@ -35,6 +35,8 @@ import math
 import numbers
 from typing import Any, Callable, ClassVar, Sequence
 
+from lightning_kfac.engine.validation import check_finite_float
+
 __all__ = [
     "Constant",
     "Cosine",
@@ -51,12 +53,7 @@ UNITS = ("step", "epoch")
 
 # --- argument checks (each names the argument, the value and what is allowed) ---------------
 def _real(cls: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{cls}: {name} must be a real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{cls}: {name} must be a finite number, got {value!r}")
-    return value
+    return check_finite_float(f"{cls}: {name}", value)
 
 
 def _positive(cls: str, name: str, value: Any) -> float:

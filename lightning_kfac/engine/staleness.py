@@ -49,12 +49,13 @@ No torch.distributed, no Lightning.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
+
+from lightning_kfac.engine.validation import check_finite_float, check_positive_int
 
 __all__ = [
     "LayerStaleness",
@@ -67,20 +68,11 @@ __all__ = [
 
 
 def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"StalenessConfig: {name} must be a real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"StalenessConfig: {name} must be finite, got {value!r}")
-    return value
+    return check_finite_float(f"StalenessConfig: {name}", value)
 
 
 def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"StalenessConfig: {name} must be an integer >= 1, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"StalenessConfig: {name} must be an integer >= 1, got {value!r}")
-    return int(value)
+    return check_positive_int(f"StalenessConfig: {name}", value)
 
 
 @dataclass(frozen=True)
@@ -229,12 +221,11 @@ class LayerStaleness:
     def __init__(self, config: StalenessConfig, inverse_interval: int = 10, factor_interval: int = 1) -> None:
         if not isinstance(config, StalenessConfig):
             raise TypeError(f"config must be a StalenessConfig, got {type(config).__name__}")
-        for name, value in (("inverse_interval", inverse_interval), ("factor_interval", factor_interval)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        inverse_interval = check_positive_int("inverse_interval", inverse_interval)
+        factor_interval = check_positive_int("factor_interval", factor_interval)
         self.config = config
-        self.ratio = max(1, int(inverse_interval) // int(factor_interval))
-        self.inverse_interval = config.clamp(int(inverse_interval))
+        self.ratio = max(1, inverse_interval // factor_interval)
+        self.inverse_interval = config.clamp(inverse_interval)
         self.last_change: float | None = None
         self.observations = 0
         self.grown = 0

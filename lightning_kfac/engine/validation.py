@@ -23,6 +23,15 @@ def check_positive_float(name: str, value: Any) -> float:
     return value
 
 
+def check_finite_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
 def check_optional_positive_float(name: str, value: Any) -> float | None:
     if value is None:
         return None
