@@ -8,9 +8,14 @@ in the inversion schedule:
 
 * ``fixed-N``: ``inv_update_freq=N``, ``factor_update_freq=F`` (``--fixed-factor-freq``, 1 by
   default: factors every step, as the adaptive run starts);
-* ``adaptive``: starts at ``inv_update_freq=10``/``factor_update_freq=1`` and lets
-  ``StalenessConfig(threshold, min_interval, max_interval)`` grow/shrink each layer's interval
-  (the factor interval follows at ratio 10).
+* ``adaptive``: starts at ``inv_update_freq=10``/``factor_update_freq=1`` (``--start-interval``)
+  and lets ``StalenessConfig(threshold, min_interval, max_interval, growth, max_factor_interval,
+  damped)`` grow/shrink each layer's interval (the factor interval follows at ratio 10).
+
+``--damping`` sets how much the curvature matters: at 0.1 (the tuned value of the race in
+``benchmarks/run.py``) only 0.05-7% of a layer's Kronecker eigenvalues exceed the damping (at
+steps 50 and 300) and the preconditioner is nearly ``I / damping``, so stale factors cost little;
+at 0.01 they cost accuracy at every longer interval.
 
 Counts come from the engine (``preconditioner.layer_inversions``: layer inversions in total;
 ``preconditioner.inversions``: steps that inverted at least one layer), read at every training
@@ -144,6 +149,11 @@ def main() -> None:
     p.add_argument("--max-interval", type=int, default=320)
     p.add_argument("--max-factor-interval", type=int, default=0,
                    help="cap on the adaptive factor-update interval (0: none, it follows at ratio 10)")
+    p.add_argument("--growth", type=float, default=2.0, help="adaptive interval growth factor")
+    p.add_argument("--start-interval", type=int, default=10,
+                   help="the adaptive run's starting inv_update_freq (factor_update_freq: a tenth of it)")
+    p.add_argument("--raw-change", action="store_true",
+                   help="measure changes of the raw factors, not of the damped ones (StalenessConfig(damped=False))")
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--damping", type=float, default=0.1)
     p.add_argument("--kl-clip", type=float, default=1e-3)
@@ -174,10 +184,13 @@ def main() -> None:
             for th in args.threshold:
                 cap = args.max_factor_interval or None
                 cfg = StalenessConfig(threshold=th, min_interval=args.min_interval, max_interval=args.max_interval,
-                                      max_factor_interval=cap)
-                label = f"adaptive-t{th:g}[{args.min_interval},{args.max_interval}]" + (f"/f<={cap}" if cap else "")
-                runs.append(run_one(label, seed, args.steps,
-                                    args.lr, args.damping, args.kl_clip, 10, 1, cfg))
+                                      growth=args.growth, max_factor_interval=cap, damped=not args.raw_change)
+                label = (f"adaptive-t{th:g}[{args.min_interval},{args.max_interval}]" + (f"/f<={cap}" if cap else "")
+                         + (f"/x{args.growth:g}" if args.growth != 2.0 else "") + ("/raw" if args.raw_change else "/damped")
+                         + (f"/start{args.start_interval}" if args.start_interval != 10 else ""))
+                start = args.start_interval
+                runs.append(run_one(label, seed, args.steps, args.lr, args.damping, args.kl_clip,
+                                    start, max(1, start // 10), cfg))
                 print(table(runs[-1:]), flush=True)
                 save()
     print(table(runs))

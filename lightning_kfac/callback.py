@@ -586,7 +586,9 @@ def fit_summary(
     if adaptive is not None:
         lines.append(
             f"  adaptive intervals: threshold {adaptive.threshold:g}, inversions every "
-            f"{adaptive.min_interval}..{adaptive.max_interval} steps, x{adaptive.growth:g} / x{adaptive.shrink:g}"
+            f"{adaptive.min_interval}..{adaptive.max_interval} steps, x{adaptive.growth:g} / x{adaptive.shrink:g}, "
+            f"change of the {'damped' if adaptive.damped else 'raw'} factors"
+            f"{' net of sampling noise' if adaptive.noise_corrected else ''}"
         )
     if layers:
         rows = [("layer", "kind", "A", "G", "owner A/G", "workers")]

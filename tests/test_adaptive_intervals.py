@@ -58,6 +58,25 @@ def test_sampling_noise_alone_does_not_hold_a_wide_layer_at_short_intervals():
     assert min(intervals[True]) >= 32, intervals
 
 
+@pytest.mark.parametrize("method", ["eigen", "cholesky"])
+def test_damped_changes_let_layers_go_stale_where_damping_dominates(method):
+    # the same noisy run measured two ways: a damping far above the factors' eigenvalues makes
+    # the preconditioner (nearly) damping^-1 I, whatever the factors do, so their changes do
+    # not matter; measured against the damped factors they fall below the threshold
+    generator = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(16, 64, generator=generator) * (1.0 + (i % 4)), torch.randint(0, 10, (16,), generator=generator)) for i in range(120)]
+    intervals = {}
+    for damped in (False, True):
+        torch.manual_seed(0)
+        model = MLP()
+        pre = KFACPreconditioner(model, kl_clip=None, damping=100.0, inv_update_freq=4, inverse_method=method)
+        pre.staleness = StalenessConfig(threshold=0.05, min_interval=4, max_interval=64, noise_corrected=False, damped=damped)
+        _run(model, pre, batches)
+        intervals[damped] = [t.inverse_interval for t in pre.staleness_states.values()]
+    assert max(intervals[False]) <= 8, intervals
+    assert min(intervals[True]) == 64, intervals
+
+
 def test_adaptive_intervals_refuse_split_factors():
     pre = KFACPreconditioner(MLP(), kl_clip=None, split_factors=True)
     with pytest.raises(ValueError, match="split_factors=True"):

@@ -15,6 +15,7 @@ from lightning_kfac.engine.staleness import (
     layer_change,
     noise_floor_sq,
     relative_change,
+    shifted_norm,
 )
 
 
@@ -33,6 +34,7 @@ from lightning_kfac.engine.staleness import (
         (dict(threshold=0.1, shrink_threshold=0.05), ValueError, ["shrink_threshold", "threshold=0.1", "0.05"]),
         (dict(threshold=float("inf")), ValueError, ["threshold", "finite"]),
         (dict(noise_corrected=1), TypeError, ["noise_corrected", "True or False", "1"]),
+        (dict(damped="yes"), TypeError, ["damped", "True or False", "'yes'"]),
         (dict(max_factor_interval=0), ValueError, ["max_factor_interval", ">= 1", "0"]),
     ],
 )
@@ -65,6 +67,25 @@ def test_relative_change():
     assert change.dtype == torch.float64 and change.dim() == 0
     with pytest.raises(ValueError, match="one shape"):
         relative_change(torch.eye(2), torch.eye(3))
+
+
+def test_damped_change_is_measured_against_the_damped_factor():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 6, generator=generator, dtype=torch.float64)
+    old = x.T @ x / 20
+    new = old + 0.05 * torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    for shift in (0.0, 0.3, torch.tensor(2.5, dtype=torch.float64)):
+        explicit = old + float(shift) * torch.eye(6, dtype=torch.float64)
+        assert float(shifted_norm(old, shift)) == pytest.approx(float(torch.linalg.matrix_norm(explicit)), rel=1e-12)
+        expected = float(torch.linalg.matrix_norm(new - old) / torch.linalg.matrix_norm(explicit))
+        assert float(relative_change(new, old, shift)) == pytest.approx(expected, rel=1e-12)
+        # no noise: the corrected change is the plain one
+        assert float(corrected_relative_change(new, old, 0.0, 0.9, 5, shift)) == pytest.approx(expected, rel=1e-12)
+    # a diagonal factor given as a vector: the same as its matrix
+    diagonal = torch.rand(5, generator=generator, dtype=torch.float64) + 0.1
+    assert float(shifted_norm(diagonal, 0.7)) == pytest.approx(float(torch.linalg.matrix_norm(torch.diag(diagonal + 0.7))), rel=1e-12)
+    # damping that dwarfs the factor makes its change negligible
+    assert float(relative_change(new, old, 1e3)) < 1e-2 * float(relative_change(new, old))
 
 
 def test_layer_change_is_the_larger_of_the_factors():

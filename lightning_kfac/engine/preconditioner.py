@@ -817,9 +817,13 @@ class KFACPreconditioner:
                 state = self._layers[name]
                 previous = self._inverted_copies.get(name)
                 if previous is not None and state.running_a is not None and state.running_g is not None:
+                    shifts = self._damping_shares(previous[0], previous[1])
                     changes = [
-                        self._factor_change(name, which, new, old)
-                        for which, new, old in (("a", state.running_a, previous[0]), ("g", state.running_g, previous[1]))
+                        self._factor_change(name, which, new, old, shift)
+                        for which, new, old, shift in (
+                            ("a", state.running_a, previous[0], shifts[0]),
+                            ("g", state.running_g, previous[1], shifts[1]),
+                        )
                     ]
                     tracker.observe(torch.stack(changes).max())
                 if state.running_a is not None and state.running_g is not None:
@@ -832,16 +836,26 @@ class KFACPreconditioner:
             work = dist.all_reduce(intervals, op=dist.ReduceOp.MAX, group=self._comm.world_group, async_op=True)
         self._pending_intervals = (work, intervals, list(names), self.steps)
 
-    def _factor_change(self, name: str, which: str, new: Tensor, old: Tensor) -> Tensor:
+    def _damping_shares(self, a: Tensor, g: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """What damping adds to A and to G (``pi sqrt(l)``, ``sqrt(l) / pi``) when the policy
+        measures changes of the damped factors; zeros otherwise."""
+        assert self._staleness is not None
+        if not self._staleness.damped:
+            return 0.0, 0.0
+        pi = curvature.tikhonov_pi(a.double(), g.double())
+        root = math.sqrt(self._damping)
+        return pi * root, root / pi
+
+    def _factor_change(self, name: str, which: str, new: Tensor, old: Tensor, shift: Tensor | float = 0.0) -> Tensor:
         """Relative change of one running factor since the layer's last inversion, less what
         sampling noise explains when the policy asks for it (see ``engine/staleness.py``)."""
         assert self._staleness is not None
         recorded = self._deviation.get((name, which))
         if not self._staleness.noise_corrected or recorded is None:
-            return relative_change(new, old)
+            return relative_change(new, old, shift)
         total, finite_updates, updates = recorded
         mean = torch.where(finite_updates > 0, total / finite_updates.clamp(min=1.0), torch.zeros_like(total))
-        return corrected_relative_change(new, old, mean, self._factor_decay, updates)
+        return corrected_relative_change(new, old, mean, self._factor_decay, updates, shift)
 
     def _sync_intervals(self) -> None:
         if self._pending_intervals is None:

@@ -36,6 +36,9 @@ subtracts the change that noise alone explains before taking the ratio
     noise^2 = (1 - decay) (1 - decay^T) m            (T: factor updates between the inversions)
     change  = sqrt(max(0, ||A_new - A_old||_F^2 - noise^2)) / ||A_old||_F
 
+With ``damped`` the denominator is the damped factor's norm, ``||A_old + delta I||_F``
+(:func:`shifted_norm`): a change matters only relative to what the preconditioner inverts.
+
 For i.i.d. batch estimates B_t = S + E_t around a fixed S (s^2 = E||E_t||^2, stationary average),
 E||A_t - A_(t-T)||^2 = 2 s^2 (1 - decay)(1 - decay^T) / (1 + decay) and E[m] = 2 s^2 / (1 + decay),
 so the first is (1 - decay)(1 - decay^T) E[m] (:func:`noise_floor_sq`); a drift of S adds to
@@ -64,6 +67,7 @@ __all__ = [
     "layer_change",
     "noise_floor_sq",
     "relative_change",
+    "shifted_norm",
 ]
 
 
@@ -81,9 +85,9 @@ class StalenessConfig:
 
     Args:
         threshold: relative Frobenius change of a layer's factors between two inversions below
-            which its intervals grow (> 0). 0.1 (noise-corrected) matched the accuracy of a fixed
-            interval of 10 with 45% fewer inversions on the Fashion-MNIST CNN; 0.2 let every
-            layer reach 320 steps there and cost 1.1 points of accuracy.
+            which its intervals grow (> 0). With the defaults (damped, noise-corrected) 0.1 made
+            65-73% fewer inversions than a fixed interval of 10 on the Fashion-MNIST CNN, within
+            0.25 points of its accuracy (``benchmarks/staleness.py``).
         min_interval: shortest inversion interval, in optimizer steps (>= 1).
         max_interval: longest inversion interval (>= min_interval).
         growth: factor the interval is multiplied by while the factors are stable (> 1).
@@ -95,6 +99,12 @@ class StalenessConfig:
             averages explains (see the module docstring); ``False`` compares raw changes.
         max_factor_interval: longest factor-update interval (>= 1); ``None``: the factor
             interval follows the inversion interval at the starting ratio without a cap.
+        damped: measure each factor's change against the damped factor the preconditioner
+            inverts, ``||F_new - F_old||_F / ||F_old + delta I||_F`` with ``delta`` the factor's
+            share of the damping (``pi sqrt(damping)`` for A, ``sqrt(damping) / pi`` for G, as in
+            the Cholesky method; the eigen method damps the Kronecker product, for which this split
+            is the usual factored stand-in). Where damping dwarfs most eigenvalues the
+            preconditioner hardly depends on the factors, and their changes then matter little.
     """
 
     threshold: float = 0.1
@@ -105,6 +115,7 @@ class StalenessConfig:
     shrink_threshold: float | None = None
     noise_corrected: bool = True
     max_factor_interval: int | None = None
+    damped: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -135,11 +146,10 @@ class StalenessConfig:
             set_(self, "shrink_threshold", upper)
         if self.max_factor_interval is not None:
             set_(self, "max_factor_interval", _check_int("max_factor_interval", self.max_factor_interval))
-        if not isinstance(self.noise_corrected, bool):
-            raise TypeError(
-                f"StalenessConfig: noise_corrected must be True or False, got {self.noise_corrected!r} "
-                f"({type(self.noise_corrected).__name__})"
-            )
+        for flag in ("noise_corrected", "damped"):
+            value = getattr(self, flag)
+            if not isinstance(value, bool):
+                raise TypeError(f"StalenessConfig: {flag} must be True or False, got {value!r} ({type(value).__name__})")
 
     @property
     def upper_threshold(self) -> float:
@@ -162,14 +172,28 @@ class StalenessConfig:
         return asdict(self)
 
 
-def relative_change(new: Tensor, old: Tensor) -> Tensor:
-    """``||new - old||_F / ||old||_F`` as a 0-dim float64 tensor on the factors' device (no
-    host sync: stack several and read them with one ``.tolist()``). ``old == 0`` gives 0 when
-    ``new`` is 0 too and ``inf`` otherwise."""
+def relative_change(new: Tensor, old: Tensor, shift: Tensor | float = 0.0) -> Tensor:
+    """``||new - old||_F / ||old + shift I||_F`` as a 0-dim float64 tensor on the factors' device
+    (no host sync: stack several and read them with one ``.tolist()``). ``old`` and ``new`` are
+    square matrices or, for a diagonal factor, vectors. ``shift`` is the damping the
+    preconditioner adds to ``old`` (0: the plain relative change). A zero denominator gives 0
+    when ``new == old`` and ``inf`` otherwise."""
     if new.shape != old.shape:
         raise ValueError(f"relative_change needs tensors of one shape, got {tuple(new.shape)} and {tuple(old.shape)}")
     new64, old64 = new.detach().double(), old.detach().double()
-    return _ratio(torch.linalg.vector_norm(new64 - old64), torch.linalg.vector_norm(old64))
+    return _ratio(torch.linalg.vector_norm(new64 - old64), shifted_norm(old64, shift))
+
+
+def shifted_norm(factor: Tensor, shift: Tensor | float) -> Tensor:
+    """``||factor + shift I||_F`` without forming the sum: ``sqrt(||F||^2 + 2 shift tr F + shift^2 n)``
+    (``factor`` a square matrix, or a vector standing for a diagonal one); float64."""
+    factor = factor.detach().double()
+    if isinstance(shift, (int, float)) and shift == 0:
+        return torch.linalg.vector_norm(factor)
+    diagonal = factor if factor.dim() == 1 else torch.diagonal(factor)
+    shift64 = torch.as_tensor(shift, dtype=torch.float64, device=factor.device)
+    square = torch.linalg.vector_norm(factor).square() + 2.0 * shift64 * diagonal.sum() + shift64.square() * diagonal.numel()
+    return square.clamp(min=0.0).sqrt()
 
 
 def _ratio(change: Tensor, base: Tensor) -> Tensor:
@@ -186,9 +210,11 @@ def noise_floor_sq(deviation_sq_mean: Tensor | float, decay: float, updates: int
     return deviation_sq_mean * ((1.0 - decay) * (1.0 - decay**updates))
 
 
-def corrected_relative_change(new: Tensor, old: Tensor, deviation_sq_mean: Tensor | float, decay: float, updates: int) -> Tensor:
-    """``sqrt(max(0, ||new - old||_F^2 - noise^2)) / ||old||_F`` (float64, no host sync), with
-    ``noise^2`` from :func:`noise_floor_sq`; the same zero/inf conventions as
+def corrected_relative_change(
+    new: Tensor, old: Tensor, deviation_sq_mean: Tensor | float, decay: float, updates: int, shift: Tensor | float = 0.0
+) -> Tensor:
+    """``sqrt(max(0, ||new - old||_F^2 - noise^2)) / ||old + shift I||_F`` (float64, no host
+    sync), with ``noise^2`` from :func:`noise_floor_sq`; the same conventions as
     :func:`relative_change`."""
     if new.shape != old.shape:
         raise ValueError(f"corrected_relative_change needs tensors of one shape, got {tuple(new.shape)} and {tuple(old.shape)}")
@@ -196,7 +222,7 @@ def corrected_relative_change(new: Tensor, old: Tensor, deviation_sq_mean: Tenso
     diff_sq = torch.linalg.vector_norm(new64 - old64).square()
     noise_sq = torch.as_tensor(noise_floor_sq(deviation_sq_mean, decay, updates), dtype=torch.float64, device=new.device)
     signal = (diff_sq - noise_sq).clamp(min=0.0).sqrt()
-    return _ratio(signal, torch.linalg.vector_norm(old64))
+    return _ratio(signal, shifted_norm(old64, shift))
 
 
 def layer_change(pairs: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
