@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import TYPE_CHECKING, Any, Callable, Union
 
 import torch
@@ -379,7 +379,10 @@ class KFACCallback(Callback):
             self.schedules[name] = restored
         if "adaptive" in state_dict:
             saved_adaptive = state_dict["adaptive"]
-            self.adaptive = StalenessConfig(**saved_adaptive) if saved_adaptive is not None else None
+            restored_adaptive = _adaptive_from_state(saved_adaptive) if saved_adaptive is not None else None
+            if restored_adaptive != self.adaptive:
+                rank_zero_info(f"K-FAC: adaptive policy restored from the checkpoint: {restored_adaptive!r} (this callback had {self.adaptive!r})")
+            self.adaptive = restored_adaptive
         if state_dict.get("steps_per_epoch") is not None:
             self.bind_steps_per_epoch(int(state_dict["steps_per_epoch"]))
         if "last_inversion_step" in state_dict:
@@ -390,6 +393,19 @@ class KFACCallback(Callback):
 
 
 # --- helpers ------------------------------------------------------------------------------------
+# switches added to StalenessConfig after checkpoints without them were written: a checkpoint
+# that lacks one was measured without it
+_ADAPTIVE_SWITCHES_ADDED_LATER = {"noise_corrected": False, "damped": False}
+
+
+def _adaptive_from_state(saved: dict[str, Any]) -> StalenessConfig:
+    known = {f.name for f in fields(StalenessConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        rank_zero_warn(f"K-FAC: ignoring adaptive settings this version does not know in the checkpoint: {unknown}")
+    return StalenessConfig(**{**_ADAPTIVE_SWITCHES_ADDED_LATER, **{k: v for k, v in saved.items() if k in known}})
+
+
 def _constant_state(value: Any) -> dict[str, Any] | None:
     return None if value is None else as_schedule("value", value).state_dict()
 

@@ -3,6 +3,8 @@ shrink when they move, agree on every rank, and match one process on the global 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,50 @@ def test_damped_changes_let_layers_go_stale_where_damping_dominates(method):
         intervals[damped] = [t.inverse_interval for t in pre.staleness_states.values()]
     assert max(intervals[False]) <= 8, intervals
     assert min(intervals[True]) == 64, intervals
+
+
+@pytest.mark.parametrize("noise_corrected", [False, True])
+def test_the_measured_change_is_that_of_the_damped_factors(noise_corrected):
+    # an independent oracle: at each inversion, form A + pi sqrt(l) I and G + sqrt(l)/pi I
+    # explicitly from the factors inverted last time and compare the change the engine recorded
+    # (net of the noise floor (1 - decay)(1 - decay^T) m from the engine's deviation statistics)
+    torch.manual_seed(2)
+    model = MLP()
+    damping, decay = 0.3, 0.8
+    pre = KFACPreconditioner(model, kl_clip=None, damping=damping, inv_update_freq=3, factor_decay=decay)
+    pre.staleness = StalenessConfig(threshold=1e-6, min_interval=3, max_interval=3, noise_corrected=noise_corrected)
+    last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    checked = []
+    original = pre._observe_staleness
+
+    def observe_and_check(names):
+        expected = {}
+        for name in names:
+            a, g = pre.factors()[name]
+            if name in last:
+                a_old, g_old = (f.double() for f in last[name])
+                pi = math.sqrt(float(a_old.diagonal().mean() / g_old.diagonal().mean()))
+                root = math.sqrt(damping)
+                eye_a, eye_g = torch.eye(a.shape[0], dtype=torch.float64), torch.eye(g.shape[0], dtype=torch.float64)
+                changes = []
+                for which, new, old, damped in (("a", a, a_old, a_old + pi * root * eye_a), ("g", g, g_old, g_old + root / pi * eye_g)):
+                    moved_sq = float(torch.linalg.matrix_norm(new.double() - old)) ** 2
+                    if noise_corrected:
+                        total, finite, updates = pre._deviation[(name, which)]
+                        moved_sq = max(0.0, moved_sq - (1 - decay) * (1 - decay**updates) * float(total) / float(finite))
+                    changes.append(math.sqrt(moved_sq) / float(torch.linalg.matrix_norm(damped)))
+                expected[name] = max(changes)
+            last[name] = (a.clone(), g.clone())
+        original(names)
+        for name, value in expected.items():
+            assert pre.staleness_states[name].last_change == pytest.approx(value, rel=1e-5)
+            checked.append(name)
+
+    pre._observe_staleness = observe_and_check
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 64, generator=generator), torch.randint(0, 10, (16,), generator=generator)) for _ in range(13)]
+    _run(model, pre, batches)
+    assert len(checked) >= 3 * 3
 
 
 def test_adaptive_intervals_refuse_split_factors():

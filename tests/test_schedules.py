@@ -209,6 +209,26 @@ def test_callables_are_not_checkpointed_and_the_current_one_is_kept():
     assert other.hyperparameters(0)["damping"] == 0.25
 
 
+def test_the_adaptive_policy_round_trips_and_older_checkpoints_keep_their_measure():
+    from lightning_kfac.engine.staleness import StalenessConfig
+
+    policy = StalenessConfig(threshold=0.05, max_interval=80, max_factor_interval=4, damped=False)
+    state = _weights_only_round_trip(KFACCallback(adaptive=policy).state_dict())
+    other = KFACCallback(adaptive=StalenessConfig())
+    other.load_state_dict(state)
+    assert other.adaptive == policy
+    # written before the noise correction and the damped measure existed: they measured raw changes
+    old = dict(state["adaptive"])
+    del old["damped"], old["noise_corrected"]
+    restored = KFACCallback(adaptive=StalenessConfig())
+    restored.load_state_dict({**state, "adaptive": old})
+    assert restored.adaptive == StalenessConfig(threshold=0.05, max_interval=80, max_factor_interval=4, damped=False, noise_corrected=False)
+    # a key from a newer version is dropped with a warning, the rest is kept
+    with pytest.warns(UserWarning, match="future_switch"):
+        restored.load_state_dict({**state, "adaptive": {**state["adaptive"], "future_switch": 1}})
+    assert restored.adaptive == policy
+
+
 def test_first_format_checkpoints_still_load():
     cb = KFACCallback()
     cb.load_state_dict({"damping": 0.02, "factor_update_freq": 2, "inv_update_freq": 5, "factor_decay": 0.9, "kl_clip": None})
@@ -246,14 +266,14 @@ kfac:
     init_args: {start: 5, end: 50, duration: 1000}
   factor_decay: 0.9
   kl_clip: null
-  adaptive: {threshold: 0.1, max_interval: 400}
+  adaptive: {threshold: 0.1, max_interval: 400, damped: false}
 """
     )
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     cb = instantiate(config).kfac
     assert isinstance(cb, KFACCallback)
     assert cb.schedules["damping"] == StepDecay(initial=0.003, milestones=[40, 80], gamma=0.5, unit="epoch")
-    assert cb.adaptive == StalenessConfig(threshold=0.1, max_interval=400)
+    assert cb.adaptive == StalenessConfig(threshold=0.1, max_interval=400, damped=False)
     cb.bind_steps_per_epoch(10)
     assert cb.hyperparameters(500) == {
         "damping": pytest.approx(0.0015),

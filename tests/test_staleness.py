@@ -84,6 +84,8 @@ def test_damped_change_is_measured_against_the_damped_factor():
     # a diagonal factor given as a vector: the same as its matrix
     diagonal = torch.rand(5, generator=generator, dtype=torch.float64) + 0.1
     assert float(shifted_norm(diagonal, 0.7)) == pytest.approx(float(torch.linalg.matrix_norm(torch.diag(diagonal + 0.7))), rel=1e-12)
+    # a shift far beyond the factor (a factor near zero gets a huge share of the damping) stays finite
+    assert float(shifted_norm(old, 1e200)) == pytest.approx(1e200 * math.sqrt(6), rel=1e-12)
     # damping that dwarfs the factor makes its change negligible
     assert float(relative_change(new, old, 1e3)) < 1e-2 * float(relative_change(new, old))
 

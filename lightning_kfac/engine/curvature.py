@@ -66,9 +66,10 @@ def eigen_precondition(grad: Tensor, q_a: Tensor | None, q_g: Tensor, inv_denomi
 
 # --- cholesky (factored Tikhonov) ------------------------------------------------------------
 def tikhonov_pi(a: Tensor, g: Tensor) -> Tensor:
-    """pi = sqrt((tr(A)/dim A) / (tr(G)/dim G)), computed on the device (no host sync)."""
+    """pi = sqrt((tr(A)/dim A) / (tr(G)/dim G)), computed on the device (no host sync). Either
+    factor may be given as its diagonal (a vector)."""
     mean_a = (a if a.dim() == 1 else torch.diagonal(a)).mean()
-    mean_g = torch.diagonal(g).mean()
+    mean_g = (g if g.dim() == 1 else torch.diagonal(g)).mean()
     tiny = torch.finfo(a.dtype).tiny
     return torch.sqrt(mean_a.clamp(min=tiny) / mean_g.clamp(min=tiny))
 

@@ -837,12 +837,15 @@ class KFACPreconditioner:
         self._pending_intervals = (work, intervals, list(names), self.steps)
 
     def _damping_shares(self, a: Tensor, g: Tensor) -> tuple[Tensor | float, Tensor | float]:
-        """What damping adds to A and to G (``pi sqrt(l)``, ``sqrt(l) / pi``) when the policy
-        measures changes of the damped factors; zeros otherwise."""
+        """What the damping in force adds to A and to G (``pi sqrt(l)``, ``sqrt(l) / pi``) when
+        the policy measures changes of the damped factors; zeros otherwise. pi comes from the
+        diagonals in the inverse dtype, as the Cholesky inversion computes it."""
         assert self._staleness is not None
         if not self._staleness.damped:
             return 0.0, 0.0
-        pi = curvature.tikhonov_pi(a.double(), g.double())
+        dtype = self.config.inverse_dtype
+        diagonals = [(f if f.dim() == 1 else torch.diagonal(f)).to(dtype) for f in (a, g)]
+        pi = curvature.tikhonov_pi(*diagonals).double()
         root = math.sqrt(self._damping)
         return pi * root, root / pi
 

@@ -188,12 +188,16 @@ def shifted_norm(factor: Tensor, shift: Tensor | float) -> Tensor:
     """``||factor + shift I||_F`` without forming the sum: ``sqrt(||F||^2 + 2 shift tr F + shift^2 n)``
     (``factor`` a square matrix, or a vector standing for a diagonal one); float64."""
     factor = factor.detach().double()
+    norm = torch.linalg.vector_norm(factor)
     if isinstance(shift, (int, float)) and shift == 0:
-        return torch.linalg.vector_norm(factor)
+        return norm
     diagonal = factor if factor.dim() == 1 else torch.diagonal(factor)
     shift64 = torch.as_tensor(shift, dtype=torch.float64, device=factor.device)
-    square = torch.linalg.vector_norm(factor).square() + 2.0 * shift64 * diagonal.sum() + shift64.square() * diagonal.numel()
-    return square.clamp(min=0.0).sqrt()
+    # in units of the larger term, so that a huge shift (a factor near zero) cannot overflow
+    scale = torch.maximum(norm, shift64.abs() * math.sqrt(diagonal.numel())).clamp(min=torch.finfo(torch.float64).tiny)
+    s = shift64 / scale
+    square = (norm / scale).square() + 2.0 * s * (diagonal.sum() / scale) + s.square() * diagonal.numel()
+    return scale * square.clamp(min=0.0).sqrt()
 
 
 def _ratio(change: Tensor, base: Tensor) -> Tensor:
