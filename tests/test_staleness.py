@@ -12,7 +12,6 @@ from lightning_kfac.engine.staleness import (
     LayerStaleness,
     StalenessConfig,
     corrected_relative_change,
-    layer_change,
     noise_floor_sq,
     relative_change,
     shifted_norm,
@@ -88,13 +87,6 @@ def test_damped_change_is_measured_against_the_damped_factor():
     assert float(shifted_norm(old, 1e200)) == pytest.approx(1e200 * math.sqrt(6), rel=1e-12)
     # damping that dwarfs the factor makes its change negligible
     assert float(relative_change(new, old, 1e3)) < 1e-2 * float(relative_change(new, old))
-
-
-def test_layer_change_is_the_larger_of_the_factors():
-    a, g = torch.eye(4), torch.eye(2)
-    assert float(layer_change([(a * 1.01, a), (g * 1.3, g)])) == pytest.approx(0.3)
-    with pytest.raises(ValueError):
-        layer_change([])
 
 
 # --- interval logic -----------------------------------------------------------------------------

@@ -6,7 +6,8 @@ inverted, its owner measures how far the running factors moved since the previou
 
     change = max( ||A_new - A_old||_F / ||A_old||_F ,  ||G_new - G_old||_F / ||G_old||_F )
 
-(:func:`relative_change` for one factor, :func:`layer_change` for the pair), and
+(:func:`relative_change` for one factor; by default measured against the damped factors and
+net of sampling noise, :func:`corrected_relative_change`, both explained below), and
 :meth:`LayerStaleness.observe` turns it into the next inversion interval:
 
 * ``change <  threshold``         the factors are stale-safe: the interval grows (x ``growth``),
@@ -53,7 +54,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,7 +65,6 @@ __all__ = [
     "LayerStaleness",
     "StalenessConfig",
     "corrected_relative_change",
-    "layer_change",
     "noise_floor_sq",
     "relative_change",
     "shifted_norm",
@@ -227,14 +227,6 @@ def corrected_relative_change(
     noise_sq = torch.as_tensor(noise_floor_sq(deviation_sq_mean, decay, updates), dtype=torch.float64, device=new.device)
     signal = (diff_sq - noise_sq).clamp(min=0.0).sqrt()
     return _ratio(signal, shifted_norm(old64, shift))
-
-
-def layer_change(pairs: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
-    """The largest :func:`relative_change` over a layer's ``(new, old)`` factor pairs."""
-    changes = [relative_change(new, old) for new, old in pairs]
-    if not changes:
-        raise ValueError("layer_change needs at least one (new, old) pair")
-    return torch.stack(changes).max()
 
 
 class LayerStaleness:
