@@ -63,9 +63,11 @@ class InversionCounter(pl.Callback):
         self.layer_inversions = 0
         self.inversion_steps = 0
         self.factor_layer_updates = 0
+        self.final_lr: float | None = None
         self.intervals: dict[str, list[tuple[int, int, float | None]]] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.final_lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         pre = getattr(trainer.strategy, "preconditioner", None)
         if pre is None:
             return
@@ -86,6 +88,19 @@ class InversionCounter(pl.Callback):
                 pass
 
 
+class AnnealedClassifier(FashionClassifier):
+    """The example classifier with its learning rate annealed to zero over the run (cosine, per
+    step): the final accuracy then reads the end of a finished schedule, not a point on a
+    constant-rate trajectory, and varies far less from seed to seed."""
+
+    total_steps = 1
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
 @torch.no_grad()
 def test_accuracy(model: torch.nn.Module, dm: FashionMNISTDataModule) -> float:
     model.eval()
@@ -97,11 +112,16 @@ def test_accuracy(model: torch.nn.Module, dm: FashionMNISTDataModule) -> float:
 
 
 def run_one(label: str, seed: int, steps: int, lr: float, damping: float, kl_clip: float,
-            inv_freq: int, factor_freq: int, adaptive: StalenessConfig | None) -> dict[str, Any]:
+            inv_freq: int, factor_freq: int, adaptive: StalenessConfig | None,
+            lr_schedule: str = "constant", data_dir: str = DATA_DIR, val_size: int = 5000) -> dict[str, Any]:
     pl.seed_everything(seed, workers=True)
-    dm = FashionMNISTDataModule(data_dir=DATA_DIR, batch_size=128, val_size=5000)
+    dm = FashionMNISTDataModule(data_dir=data_dir, batch_size=128, val_size=val_size)
     dm.setup()
-    model = FashionClassifier(arch="cnn", optimizer="sgd", lr=lr, momentum=0.9)
+    if lr_schedule == "cosine":
+        model = AnnealedClassifier(arch="cnn", optimizer="sgd", lr=lr, momentum=0.9)
+        model.total_steps = steps
+    else:
+        model = FashionClassifier(arch="cnn", optimizer="sgd", lr=lr, momentum=0.9)
     counter = InversionCounter()
     kfac = KFACCallback(damping=damping, factor_update_freq=factor_freq, inv_update_freq=inv_freq,
                         kl_clip=kl_clip, adaptive=adaptive, log=False, progress_bar=False, summary=False)
@@ -115,7 +135,8 @@ def run_one(label: str, seed: int, steps: int, lr: float, damping: float, kl_cli
     acc = test_accuracy(model, dm)
     final_intervals = {n: h[-1][1] for n, h in counter.intervals.items()}
     return {
-        "label": label, "seed": seed, "steps": int(trainer.global_step), "lr": lr, "damping": damping,
+        "label": label, "seed": seed, "steps": int(trainer.global_step), "lr": lr, "lr_schedule": lr_schedule,
+        "final_lr": counter.final_lr, "damping": damping,
         "kl_clip": kl_clip, "inv_update_freq": inv_freq, "factor_update_freq": factor_freq,
         "adaptive": adaptive.state_dict() if adaptive is not None else None,
         "layer_inversions": counter.layer_inversions, "inversion_steps": counter.inversion_steps,
@@ -152,12 +173,18 @@ def main() -> None:
     p.add_argument("--growth", type=float, default=2.0, help="adaptive interval growth factor")
     p.add_argument("--start-interval", type=int, default=10,
                    help="the adaptive run's starting inv_update_freq (factor_update_freq: a tenth of it)")
+    p.add_argument("--probe-after", type=int, default=0,
+                   help="StalenessConfig(probe_after=K): grow once after K holds in a row (0: no probes)")
     p.add_argument("--raw-change", action="store_true",
                    help="measure changes of the raw factors, not of the damped ones (StalenessConfig(damped=False))")
     p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: anneal the learning rate to 0 over --steps (per step)")
     p.add_argument("--damping", type=float, default=0.1)
     p.add_argument("--kl-clip", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-dir", default=DATA_DIR, help="folder of the Fashion-MNIST IDX files")
+    p.add_argument("--val-size", type=int, default=5000, help="training images held out (unused by the fit, kept for the split)")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--append", action="store_true", help="add to the runs already in --out")
     args = p.parse_args()
@@ -174,23 +201,27 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"command": " ".join(sys.argv), "torch_threads": args.threads, "runs": runs}, f, indent=1)
 
+    suffix = "/cos" if args.lr_schedule == "cosine" else ""
     for seed in args.seeds:
         for n in args.fixed:
             ff = args.fixed_factor_freq or max(1, n // 10)
-            runs.append(run_one(f"fixed-{n}/f{ff}", seed, args.steps, args.lr, args.damping, args.kl_clip, n, ff, None))
+            runs.append(run_one(f"fixed-{n}/f{ff}" + suffix, seed, args.steps, args.lr, args.damping, args.kl_clip,
+                                n, ff, None, args.lr_schedule, args.data_dir, args.val_size))
             print(table(runs[-1:]), flush=True)
             save()
         if not args.no_adaptive:
             for th in args.threshold:
                 cap = args.max_factor_interval or None
                 cfg = StalenessConfig(threshold=th, min_interval=args.min_interval, max_interval=args.max_interval,
-                                      growth=args.growth, max_factor_interval=cap, damped=not args.raw_change)
+                                      growth=args.growth, max_factor_interval=cap, damped=not args.raw_change,
+                                      probe_after=args.probe_after or None)
                 label = (f"adaptive-t{th:g}[{args.min_interval},{args.max_interval}]" + (f"/f<={cap}" if cap else "")
                          + (f"/x{args.growth:g}" if args.growth != 2.0 else "") + ("/raw" if args.raw_change else "/damped")
-                         + (f"/start{args.start_interval}" if args.start_interval != 10 else ""))
+                         + (f"/probe{args.probe_after}" if args.probe_after else "")
+                         + (f"/start{args.start_interval}" if args.start_interval != 10 else "") + suffix)
                 start = args.start_interval
                 runs.append(run_one(label, seed, args.steps, args.lr, args.damping, args.kl_clip,
-                                    start, max(1, start // 10), cfg))
+                                    start, max(1, start // 10), cfg, args.lr_schedule, args.data_dir, args.val_size))
                 print(table(runs[-1:]), flush=True)
                 save()
     print(table(runs))

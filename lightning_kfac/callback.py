@@ -395,7 +395,7 @@ class KFACCallback(Callback):
 # --- helpers ------------------------------------------------------------------------------------
 # switches added to StalenessConfig after checkpoints without them were written: a checkpoint
 # that lacks one was measured without it
-_ADAPTIVE_SWITCHES_ADDED_LATER = {"noise_corrected": False, "damped": False}
+_ADAPTIVE_SWITCHES_ADDED_LATER = {"noise_corrected": False, "damped": False, "probe_after": None}
 
 
 def _adaptive_from_state(saved: dict[str, Any]) -> StalenessConfig:
@@ -605,6 +605,7 @@ def fit_summary(
             f"{adaptive.min_interval}..{adaptive.max_interval} steps, x{adaptive.growth:g} / x{adaptive.shrink:g}, "
             f"change of the {'damped' if adaptive.damped else 'raw'} factors"
             f"{' net of sampling noise' if adaptive.noise_corrected else ''}"
+            f"{f', a probe after {adaptive.probe_after} holds' if adaptive.probe_after else ''}"
         )
     if layers:
         rows = [("layer", "kind", "A", "G", "owner A/G", "workers")]

@@ -148,7 +148,7 @@ def test_moving_factors_shrink_intervals_back():
     assert all(t.shrunk >= 1 for t in pre.staleness_states.values())
 
 
-def _adaptive_run(rank, world_size, fraction):
+def _adaptive_run(rank, world_size, fraction, config=None):
     torch.manual_seed(0)
     model = SmallCNN().double()
     net = DistributedDataParallel(model) if world_size > 1 else model
@@ -156,15 +156,20 @@ def _adaptive_run(rank, world_size, fraction):
         model, lr=0.1, inv_update_freq=2, factor_dtype=torch.float64, inverse_dtype=torch.float64,
         grad_worker_fraction=fraction,
     )
-    pre.staleness = StalenessConfig(threshold=0.2, min_interval=2, max_interval=8)
+    pre.staleness = config or StalenessConfig(threshold=0.2, min_interval=2, max_interval=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    holds = []
     for x, y in cnn_batches(16, 8, torch.float64):
         local = 8 // world_size
         optimizer.zero_grad()
         F.cross_entropy(net(x[rank * local : (rank + 1) * local]), y[rank * local : (rank + 1) * local]).backward()
         pre.step()
         optimizer.step()
+        if config is not None:  # what a checkpoint written now would hold (collective)
+            holds.append({n: saved["tracker"]["holds"] for n, saved in pre.state_dict()["adaptive"].items()})
     intervals = {n: (t.inverse_interval, t.factor_interval) for n, t in pre.staleness_states.items()}
+    if config is not None:
+        intervals["holds"] = holds
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), intervals, pre.layer_inversions
 
 
@@ -175,3 +180,14 @@ def test_ranks_agree_on_intervals_and_match_one_process():
         assert torch.equal(p0, p1) and i0 == i1 and n0 == n1
         assert i0 == ref_intervals and n0 == ref_inversions
         assert float((p0 - reference).norm() / reference.norm()) < 1e-9
+
+
+def test_every_rank_learns_the_owners_hold_streaks():
+    # with probes the owner's count of consecutive holds decides future intervals; every rank
+    # must carry it (a checkpoint is written from rank 0, whatever rank owns the layer)
+    config = StalenessConfig(threshold=1e-6, shrink_threshold=1e6, min_interval=1, max_interval=64, probe_after=3)
+    reference, ref_intervals, _ = _adaptive_run(0, 1, 1.0, config)
+    (p0, i0, _), (p1, i1, _) = run_distributed(_adaptive_run, 2, 1.0, config)
+    assert i0 == i1 == ref_intervals
+    assert max(max(h.values()) for h in ref_intervals["holds"]) == 2  # streaks formed and probes reset them
+    assert float((p0 - reference).norm() / reference.norm()) < 1e-9

@@ -93,3 +93,28 @@ def test_step_cost_quick_run_writes_its_table(tmp_path):
     assert rows[1]["kfac_over_peer"] == pytest.approx(rows[1]["kfac_over_sgd"] / 12.2)
     assert rows[2]["peer_over_sgd"] is None
     assert "x floor" in done.stdout
+
+
+def test_staleness_quick_run_on_generated_files(tmp_path):
+    # the stale-statistics benchmark (issue 5) end to end on tiny generated data: a fixed and an
+    # adaptive run under the cosine schedule, counted by the engine and written to JSON
+    from run import write_fake_fashion
+
+    folder = write_fake_fashion(str(tmp_path / "fm"), n_train=700, n_test=100)
+    out = tmp_path / "staleness.json"
+    cmd = [sys.executable, os.path.join(BENCH, "staleness.py"), "--steps", "12", "--seeds", "0", "--fixed", "4",
+           "--threshold", "0.1", "--start-interval", "4", "--min-interval", "2", "--max-interval", "8",
+           "--damping", "0.01", "--lr", "0.03", "--lr-schedule", "cosine", "--data-dir", folder, "--val-size", "100",
+           "--out", str(out)]
+    done = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    fixed, adaptive = json.loads(out.read_text())["runs"]
+    assert fixed["label"] == "fixed-4/f1/cos" and adaptive["label"] == "adaptive-t0.1[2,8]/damped/start4/cos"
+    # the CNN's 4 layers inverted at steps 0, 4 and 8
+    assert (fixed["inversion_steps"], fixed["layer_inversions"]) == (3, 12)
+    for run in (fixed, adaptive):
+        assert run["steps"] == 12 and run["lr_schedule"] == "cosine"
+        assert 0.0 <= run["final_lr"] < 0.03 * 0.05  # annealed: lr (1 + cos(pi 11/12)) / 2 = 0.017 lr
+        assert 0.0 <= run["test_acc"] <= 1.0
+    assert set(adaptive["final_intervals"]) and all(2 <= v <= 8 for v in adaptive["final_intervals"].values())
+    assert adaptive["adaptive"]["threshold"] == 0.1

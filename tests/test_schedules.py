@@ -212,14 +212,15 @@ def test_callables_are_not_checkpointed_and_the_current_one_is_kept():
 def test_the_adaptive_policy_round_trips_and_older_checkpoints_keep_their_measure():
     from lightning_kfac.engine.staleness import StalenessConfig
 
-    policy = StalenessConfig(threshold=0.05, max_interval=80, max_factor_interval=4, damped=False)
+    policy = StalenessConfig(threshold=0.05, max_interval=80, max_factor_interval=4, damped=False, probe_after=3)
     state = _weights_only_round_trip(KFACCallback(adaptive=policy).state_dict())
     other = KFACCallback(adaptive=StalenessConfig())
     other.load_state_dict(state)
     assert other.adaptive == policy
-    # written before the noise correction and the damped measure existed: they measured raw changes
+    # written before the noise correction, the damped measure and probes existed: they measured
+    # raw changes and never probed
     old = dict(state["adaptive"])
-    del old["damped"], old["noise_corrected"]
+    del old["damped"], old["noise_corrected"], old["probe_after"]
     restored = KFACCallback(adaptive=StalenessConfig())
     restored.load_state_dict({**state, "adaptive": old})
     assert restored.adaptive == StalenessConfig(threshold=0.05, max_interval=80, max_factor_interval=4, damped=False, noise_corrected=False)
@@ -266,14 +267,14 @@ kfac:
     init_args: {start: 5, end: 50, duration: 1000}
   factor_decay: 0.9
   kl_clip: null
-  adaptive: {threshold: 0.1, max_interval: 400, damped: false}
+  adaptive: {threshold: 0.1, max_interval: 400, damped: false, probe_after: 2}
 """
     )
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     cb = instantiate(config).kfac
     assert isinstance(cb, KFACCallback)
     assert cb.schedules["damping"] == StepDecay(initial=0.003, milestones=[40, 80], gamma=0.5, unit="epoch")
-    assert cb.adaptive == StalenessConfig(threshold=0.1, max_interval=400, damped=False)
+    assert cb.adaptive == StalenessConfig(threshold=0.1, max_interval=400, damped=False, probe_after=2)
     cb.bind_steps_per_epoch(10)
     assert cb.hyperparameters(500) == {
         "damping": pytest.approx(0.0015),

@@ -35,6 +35,8 @@ from lightning_kfac.engine.staleness import (
         (dict(noise_corrected=1), TypeError, ["noise_corrected", "True or False", "1"]),
         (dict(damped="yes"), TypeError, ["damped", "True or False", "'yes'"]),
         (dict(max_factor_interval=0), ValueError, ["max_factor_interval", ">= 1", "0"]),
+        (dict(probe_after=0), ValueError, ["probe_after", ">= 1", "0"]),
+        (dict(probe_after=1.5), TypeError, ["probe_after", "1.5"]),
     ],
 )
 def test_config_validates_itself(kwargs, error, words):
@@ -137,18 +139,47 @@ def test_starting_interval_is_clamped_and_factor_interval_follows_the_ratio():
         LayerStaleness({"threshold": 0.1})  # type: ignore[arg-type]
 
 
-def test_state_round_trips_through_a_weights_only_checkpoint():
-    config = StalenessConfig(threshold=0.05)
-    state = LayerStaleness(config, inverse_interval=10)
-    for change in (0.0, 0.0, 0.3, 0.01):
-        state.observe(change)
+def _through_a_checkpoint(state: LayerStaleness) -> LayerStaleness:
+    """A fresh tracker (another starting interval) loaded from ``state`` saved weights-only."""
     buffer = io.BytesIO()
     torch.save(state.state_dict(), buffer)
     buffer.seek(0)
-    other = LayerStaleness(config, inverse_interval=3)
+    other = LayerStaleness(state.config, inverse_interval=3)
     other.load_state_dict(torch.load(buffer, weights_only=True))
+    return other
+
+
+def test_state_round_trips_through_a_weights_only_checkpoint():
+    state = LayerStaleness(StalenessConfig(threshold=0.05), inverse_interval=10)
+    for change in (0.0, 0.0, 0.3, 0.01):
+        state.observe(change)
+    other = _through_a_checkpoint(state)
     assert other.state_dict() == state.state_dict()
     assert other.observe(0.0) == state.observe(0.0)
+
+
+def test_a_resumed_tracker_continues_its_hold_streak():
+    config = StalenessConfig(threshold=0.1, probe_after=3)
+    uninterrupted, first_half = LayerStaleness(config, inverse_interval=8), LayerStaleness(config, inverse_interval=8)
+    for change in (0.15, 0.15):  # two holds in the band [0.1, 0.2]
+        uninterrupted.observe(change)
+        first_half.observe(change)
+    resumed = _through_a_checkpoint(first_half)
+    assert resumed.holds == 2
+    assert resumed.observe(0.15) == uninterrupted.observe(0.15) == 16  # the third hold probes
+    assert resumed.state_dict() == uninterrupted.state_dict()
+
+
+def test_probe_after_counts_only_consecutive_holds_in_the_band():
+    config = StalenessConfig(threshold=0.1, probe_after=2, min_interval=1, max_interval=64)
+    state = LayerStaleness(config, inverse_interval=8)
+    trace = [state.observe(c) for c in (0.15, 0.05, 0.15, 0.3, 0.15, 0.15, 0.15, 0.15)]
+    # hold, grow (resets the streak), hold, shrink (resets), hold, probe, hold, probe
+    assert trace == [8, 16, 16, 8, 8, 16, 16, 32]
+    at_max = LayerStaleness(config, inverse_interval=64)
+    assert [at_max.observe(0.15) for _ in range(3)] == [64, 64, 64]  # a probe cannot pass max_interval
+    without = LayerStaleness(StalenessConfig(threshold=0.1), inverse_interval=8)
+    assert [without.observe(0.15) for _ in range(5)] == [8] * 5
 
 
 # --- synthetic factor sequences -----------------------------------------------------------------
@@ -210,6 +241,40 @@ def test_steady_drift_settles_on_one_interval_instead_of_oscillating():
     tail = intervals[-10:]
     assert len(set(tail)) == 1  # settled (the band between threshold and growth x threshold)
     assert 1 < tail[0] < 10_000
+
+
+def _unit_symmetric(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, n, generator=g, dtype=torch.float64)
+    x = x + x.T
+    return x / torch.linalg.matrix_norm(x)
+
+
+@pytest.mark.parametrize("probe_after", [None, 2])
+def test_probes_tell_fluctuation_from_drift(probe_after):
+    """Two layers whose changes sit in the hold band [0.1, 0.2] at interval 8. One fluctuates
+    about a fixed level: a fresh, independent perturbation at every step, so the change between
+    any two inversions is ~0.15 however far apart they are. The other drifts at a steady rate:
+    0.15 at interval 8, 0.32 at 16. Without probes both hold at 8. With probes the fluctuating
+    layer climbs to the cap (its change does not grow with the interval) while the drifting one
+    comes straight back from every probe and never goes past 16."""
+    base = torch.eye(24, dtype=torch.float64)
+    scale = 0.15 * float(torch.linalg.matrix_norm(base)) / math.sqrt(2.0)  # ||e_s - e_t|| ~ sqrt(2)
+
+    def fluctuating(step: int) -> torch.Tensor:
+        return base + scale * _unit_symmetric(24, 1000 + step)
+
+    def drifting(step: int) -> torch.Tensor:  # grows by 15% every 8 steps: the change is 1.15^(T/8) - 1
+        return base * 1.15 ** (step / 8)
+
+    config = StalenessConfig(threshold=0.1, min_interval=2, max_interval=256, probe_after=probe_after)
+    _, noisy = _simulate(fluctuating, config, 3000, start_interval=8)
+    _, steady = _simulate(drifting, config, 800, start_interval=8)
+    if probe_after is None:
+        assert set(noisy) == {8} and set(steady) == {8}
+        return
+    assert noisy[-1] == 256 and noisy[: 3 * 5 + 1].count(8) <= 3  # 8 -> 256: five probes, three inversions each
+    assert max(steady) == 16 and steady[-8:].count(8) >= 5  # every probe came back
 
 
 # --- sampling-noise correction ------------------------------------------------------------------

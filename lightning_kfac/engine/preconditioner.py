@@ -810,7 +810,8 @@ class KFACPreconditioner:
         inversion and pick the next intervals; every rank learns them from one small async
         all-reduce, awaited only at the next step (no blocking round trip per step)."""
         assert self._plan is not None
-        intervals = torch.zeros(len(names), dtype=torch.int64)
+        # row 0: the next interval, row 1: the hold count (probe_after); owners write, others 0
+        intervals = torch.zeros(2, len(names), dtype=torch.int64)
         for i, name in enumerate(names):
             tracker = self.staleness_states[name]
             if self._plan.a_owner[name] == self.rank:
@@ -830,7 +831,8 @@ class KFACPreconditioner:
                     self._inverted_copies[name] = (state.running_a.clone(), state.running_g.clone())
                 self._deviation.pop((name, "a"), None)
                 self._deviation.pop((name, "g"), None)
-                intervals[i] = tracker.inverse_interval
+                intervals[0, i] = tracker.inverse_interval
+                intervals[1, i] = tracker.holds
         work = None
         if self._comm is not None:
             work = dist.all_reduce(intervals, op=dist.ReduceOp.MAX, group=self._comm.world_group, async_op=True)
@@ -867,11 +869,12 @@ class KFACPreconditioner:
         self._pending_intervals = None
         if work is not None:
             work.wait()
-        for name, interval in zip(names, intervals.tolist()):
+        for name, interval, holds in zip(names, *intervals.tolist()):
             tracker = self.staleness_states.get(name)
             if tracker is None:
                 continue
             tracker.inverse_interval = int(interval)
+            tracker.holds = int(holds)
             self._next_inverse_step[name] = step + int(interval)
             self._next_factor_step[name] = step + tracker.factor_interval
         self._due_cache = None

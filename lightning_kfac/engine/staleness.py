@@ -18,6 +18,13 @@ always within ``[min_interval, max_interval]``. ``shrink_threshold`` defaults to
 ``growth * threshold``: a layer whose factors drift at a steady rate (change proportional to
 the interval) then settles on one interval instead of oscillating between two.
 
+Drift or fluctuation. A change in the hold band may be drift (the factors walk away; the change
+grows with the interval) or fluctuation about a level (it does not; a fresher inverse would be
+no closer to the level the factors move about). With ``probe_after = k`` a layer that held for
+``k`` measurements in a row grows once anyway (a probe): fluctuation then stays in the band
+and the interval keeps growing every ``k + 1`` inversions, while drift crosses
+``shrink_threshold`` at the longer interval and shrinks it back.
+
 The factor-update interval follows the inversion interval at the ratio the run started with
 (``inv_update_freq / factor_update_freq``, 10 with the defaults), so every inversion still sees
 the same number of factor updates in its running average:
@@ -99,6 +106,9 @@ class StalenessConfig:
             averages explains (see the module docstring); ``False`` compares raw changes.
         max_factor_interval: longest factor-update interval (>= 1); ``None``: the factor
             interval follows the inversion interval at the starting ratio without a cap.
+        probe_after: grow the interval once after this many consecutive measurements in the hold
+            band ``[threshold, shrink_threshold]`` (>= 1; see "Drift or fluctuation" above);
+            ``None``: a layer in the band holds its interval for as long as it stays there.
         damped: measure each factor's change against the damped factor the preconditioner
             inverts, ``||F_new - F_old||_F / ||F_old + delta I||_F`` with ``delta`` the factor's
             share of the damping (``pi sqrt(damping)`` for A, ``sqrt(damping) / pi`` for G, as in
@@ -116,6 +126,7 @@ class StalenessConfig:
     noise_corrected: bool = True
     max_factor_interval: int | None = None
     damped: bool = True
+    probe_after: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -146,6 +157,8 @@ class StalenessConfig:
             set_(self, "shrink_threshold", upper)
         if self.max_factor_interval is not None:
             set_(self, "max_factor_interval", _check_int("max_factor_interval", self.max_factor_interval))
+        if self.probe_after is not None:
+            set_(self, "probe_after", _check_int("probe_after", self.probe_after))
         for flag in ("noise_corrected", "damped"):
             value = getattr(self, flag)
             if not isinstance(value, bool):
@@ -159,12 +172,20 @@ class StalenessConfig:
     def clamp(self, interval: int) -> int:
         return min(self.max_interval, max(self.min_interval, int(interval)))
 
+    def grow(self, interval: int) -> int:
+        """The interval after one growth (at least one step longer), within the bounds."""
+        return self.clamp(max(interval + 1, math.ceil(interval * self.growth)))
+
+    def in_hold_band(self, change: float) -> bool:
+        return math.isfinite(change) and self.threshold <= change <= self.upper_threshold
+
     def next_interval(self, interval: int, change: float) -> int:
-        """The interval after one measured ``change`` (NaN or inf count as a change)."""
+        """The interval after one measured ``change`` (NaN or inf count as a change), before
+        any probe (:meth:`LayerStaleness.observe` adds those)."""
         if not math.isfinite(change) or change > self.upper_threshold:
             return self.clamp(math.floor(interval * self.shrink))
         if change < self.threshold:
-            return self.clamp(max(interval + 1, math.ceil(interval * self.growth)))
+            return self.grow(interval)
         return self.clamp(interval)
 
     def state_dict(self) -> dict[str, Any]:
@@ -252,6 +273,9 @@ class LayerStaleness:
         self.observations = 0
         self.grown = 0
         self.shrunk = 0
+        # consecutive measurements in the hold band (for probe_after); shared with every rank
+        # with the interval, so that any rank can take over the layer's decisions after a resume
+        self.holds = 0
 
     @property
     def factor_interval(self) -> int:
@@ -265,7 +289,16 @@ class LayerStaleness:
         interval (also :attr:`inverse_interval`; :attr:`factor_interval` follows)."""
         value = float(change)
         before = self.inverse_interval
-        self.inverse_interval = self.config.next_interval(before, value)
+        config = self.config
+        after = config.next_interval(before, value)
+        if config.probe_after is not None and config.in_hold_band(value) and after == before:
+            self.holds += 1
+            if self.holds >= config.probe_after:
+                after = config.grow(before)
+                self.holds = 0
+        else:
+            self.holds = 0
+        self.inverse_interval = after
         self.last_change = value
         self.observations += 1
         self.grown += int(self.inverse_interval > before)
@@ -281,6 +314,7 @@ class LayerStaleness:
             "observations": self.observations,
             "grown": self.grown,
             "shrunk": self.shrunk,
+            "holds": self.holds,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -291,6 +325,7 @@ class LayerStaleness:
         self.observations = int(state.get("observations", 0))
         self.grown = int(state.get("grown", 0))
         self.shrunk = int(state.get("shrunk", 0))
+        self.holds = int(state.get("holds", 0))
 
     def __repr__(self) -> str:
         return (
