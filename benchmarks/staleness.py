@@ -157,6 +157,67 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _setting(run: dict[str, Any]) -> tuple:
+    """Runs compare only within one training setting."""
+    return (run["steps"], run["damping"], run.get("lr_schedule", "constant"), run["lr"], run["kl_clip"])
+
+
+def verdicts(runs: list[dict[str, Any]], tolerance: float = 0.003, target: float = 0.4) -> list[dict[str, Any]]:
+    """Issue 5's measurement, per adaptive schedule, on seed means within one setting. The
+    reference is the cheapest fixed interval whose mean accuracy is at least the adaptive
+    schedule's minus ``tolerance`` (the fixed schedule that reaches the same accuracy, with the
+    tolerance's benefit of the doubt), each pair compared on the seeds both ran; the target
+    holds when the adaptive schedule makes at least ``target`` fewer layer inversions."""
+    groups: dict[tuple, dict[str, dict[int, dict[str, Any]]]] = {}
+    for run in runs:
+        groups.setdefault(_setting(run), {}).setdefault(run["label"], {})[run["seed"]] = run
+
+    def mean(of: dict[int, dict[str, Any]], seeds: list[int], key: str) -> float:
+        return sum(of[s][key] for s in seeds) / len(seeds)
+
+    out = []
+    for setting, labels in groups.items():
+        fixed = {name: seeds for name, seeds in labels.items() if next(iter(seeds.values()))["adaptive"] is None}
+        for label, seeds in labels.items():
+            if label in fixed:
+                continue
+            own = sorted(seeds)
+            entry: dict[str, Any] = {
+                "setting": dict(zip(("steps", "damping", "lr_schedule", "lr", "kl_clip"), setting)),
+                "adaptive": label, "seeds": own, "inversions": mean(seeds, own, "layer_inversions"),
+                "test_acc": mean(seeds, own, "test_acc"), "reference": None, "ratio": None, "met": False,
+            }
+            reaching = []
+            for name, other in fixed.items():
+                common = sorted(set(own) & set(other))
+                if common and mean(other, common, "test_acc") >= mean(seeds, common, "test_acc") - tolerance:
+                    reaching.append((mean(other, common, "layer_inversions"), name, common))
+            if reaching:
+                _, name, common = min(reaching)
+                ratio = mean(seeds, common, "layer_inversions") / mean(fixed[name], common, "layer_inversions")
+                entry.update(reference=name, reference_seeds=common, ratio=ratio, met=ratio <= 1.0 - target,
+                             reference_inversions=mean(fixed[name], common, "layer_inversions"),
+                             reference_acc=mean(fixed[name], common, "test_acc"),
+                             acc_on_reference_seeds=mean(seeds, common, "test_acc"))
+            out.append(entry)
+    return out
+
+
+def verdict_table(entries: list[dict[str, Any]], target: float = 0.4) -> str:
+    lines = []
+    for e in entries:
+        st = e["setting"]
+        head = (f"{st['steps']} steps, damping {st['damping']:g}, {st['lr_schedule']} lr | {e['adaptive']} "
+                f"(seeds {e['seeds']}): {e['inversions']:.1f} inversions, acc {e['test_acc']:.4f}")
+        if e["reference"] is None:
+            lines.append(head + " | no fixed interval reaches it")
+        else:
+            lines.append(head + f" | reference {e['reference']} (seeds {e['reference_seeds']}): "
+                         f"{e['reference_inversions']:.0f} inversions, acc {e['reference_acc']:.4f} | inversion ratio "
+                         f"{e['ratio']:.2f} (target <= {1 - target:.2f}): {'met' if e['met'] else 'not met'}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=860)
@@ -187,7 +248,13 @@ def main() -> None:
     p.add_argument("--val-size", type=int, default=5000, help="training images held out (unused by the fit, kept for the split)")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--append", action="store_true", help="add to the runs already in --out")
+    p.add_argument("--verdicts-only", action="store_true",
+                   help="run nothing: print the issue-5 verdicts of the runs in --out")
     args = p.parse_args()
+    if args.verdicts_only:
+        with open(args.out) as f:
+            print(verdict_table(verdicts(json.load(f)["runs"])))
+        return
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -225,6 +292,7 @@ def main() -> None:
                 print(table(runs[-1:]), flush=True)
                 save()
     print(table(runs))
+    print(verdict_table(verdicts(runs)))
     save()
 
 

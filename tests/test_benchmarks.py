@@ -118,3 +118,29 @@ def test_staleness_quick_run_on_generated_files(tmp_path):
         assert 0.0 <= run["test_acc"] <= 1.0
     assert set(adaptive["final_intervals"]) and all(2 <= v <= 8 for v in adaptive["final_intervals"].values())
     assert adaptive["adaptive"]["threshold"] == 0.1
+
+
+def test_staleness_verdict_picks_the_cheapest_fixed_interval_that_reaches_the_adaptive_accuracy():
+    from staleness import verdicts
+
+    def run(label, seed, inversions, acc, adaptive=None):
+        return {"label": label, "seed": seed, "steps": 100, "damping": 0.01, "lr_schedule": "cosine", "lr": 0.03,
+                "kl_clip": 1e-3, "layer_inversions": inversions, "test_acc": acc, "adaptive": adaptive}
+
+    runs = [run("fixed-10", s, 400, 0.900) for s in (0, 1)]
+    runs += [run("fixed-50", s, 80, a) for s, a in ((0, 0.897), (1, 0.898))]  # 0.8975: within 0.003 of 0.9
+    runs += [run("fixed-100", s, 40, 0.890) for s in (0, 1)]  # too far below
+    runs += [run("fixed-100", 0, 40, 0.890) | {"steps": 200}]  # another setting: not compared
+    runs += [run("adaptive", s, n, 0.900, adaptive={"threshold": 0.1}) for s, n in ((0, 46), (1, 50))]
+    (entry,) = verdicts(runs)
+    assert entry["reference"] == "fixed-50" and entry["reference_seeds"] == [0, 1]
+    assert entry["ratio"] == pytest.approx(48 / 80) and entry["met"]  # 40% fewer: exactly the target
+    runs[-1]["layer_inversions"] = 52
+    (entry,) = verdicts(runs)
+    assert entry["ratio"] == pytest.approx(49 / 80) and not entry["met"]
+    # a fixed interval seen on one seed only is compared on that seed
+    runs += [run("fixed-25", 1, 160, 0.95)]
+    assert verdicts(runs)[0]["reference"] == "fixed-50"
+    runs += [run("fixed-200", 1, 20, 0.95)]
+    (entry,) = verdicts(runs)
+    assert (entry["reference"], entry["reference_seeds"], entry["met"]) == ("fixed-200", [1], False)
