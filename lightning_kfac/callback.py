@@ -605,7 +605,7 @@ def fit_summary(
             f"{adaptive.min_interval}..{adaptive.max_interval} steps, x{adaptive.growth:g} / x{adaptive.shrink:g}, "
             f"change of the {'damped' if adaptive.damped else 'raw'} factors"
             f"{' net of sampling noise' if adaptive.noise_corrected else ''}"
-            f"{f', a probe after {adaptive.probe_after} holds' if adaptive.probe_after else ''}"
+            f"{f', probe_after={adaptive.probe_after}: a run of {adaptive.probe_after} changes in the hold band grows the interval' if adaptive.probe_after else ''}"
         )
     if layers:
         rows = [("layer", "kind", "A", "G", "owner A/G", "workers")]

@@ -133,7 +133,7 @@ def test_fit_start_summary_is_printed_and_right_and_diagnostics_are_logged(tmp_p
     skipped = {line.split()[0]: line for line in text.splitlines() if line.startswith("    ")}
     assert "groups=2" in skipped["grouped"] and "Conv2d" in skipped["grouped"]
     assert "frozen" in skipped["frozen"] and "requires_grad=False" in skipped["frozen"]
-    assert "adaptive intervals: threshold 0.1" in text and "change of the damped factors net of sampling noise, a probe after 2 holds" in text
+    assert "adaptive intervals: threshold 0.1" in text and "change of the damped factors net of sampling noise, probe_after=2: a run of 2 changes in the hold band grows the interval" in text
     # memory: float32 running factors + step accumulators + eigen decompositions (q, d, 1/(dd^T+l))
     dims = [(10, 4), (145, 8), (9, 3)]
     total = sum(2 * 4 * (a * a + g * g) + 4 * (a * a + a + g * g + g + g * a) for a, g in dims)
