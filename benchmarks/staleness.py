@@ -120,11 +120,9 @@ def run_one(label: str, seed: int, steps: int, lr: float, damping: float, kl_cli
     pl.seed_everything(seed, workers=True)
     dm = FashionMNISTDataModule(data_dir=data_dir, batch_size=128, val_size=val_size)
     dm.setup()
-    if lr_schedule == "cosine":
-        model = AnnealedClassifier(arch="cnn", optimizer="sgd", lr=lr, momentum=0.9)
-        model.total_steps = steps
-    else:
-        model = FashionClassifier(arch="cnn", optimizer="sgd", lr=lr, momentum=0.9)
+    model_class = AnnealedClassifier if lr_schedule == "cosine" else FashionClassifier
+    model = model_class(arch="cnn", optimizer="sgd", lr=lr, momentum=0.9)
+    model.total_steps = steps  # read by AnnealedClassifier only
     counter = InversionCounter()
     kfac = KFACCallback(damping=damping, factor_update_freq=factor_freq, inv_update_freq=inv_freq,
                         kl_clip=kl_clip, adaptive=adaptive, log=False, progress_bar=False, summary=False)
@@ -199,17 +197,18 @@ def verdicts(runs: list[dict[str, Any]], tolerance: float = 0.003, target: float
             reaching = []
             for name, other in fixed.items():
                 common = sorted(set(own) & set(other))
-                if len(common) >= min_seeds and mean(other, common, "test_acc") >= mean(seeds, common, "test_acc") - tolerance:
-                    reaching.append((mean(other, common, "layer_inversions"), name, common))
+                if len(common) < min_seeds:
+                    continue
+                acc, ref_acc = mean(seeds, common, "test_acc"), mean(other, common, "test_acc")
+                if ref_acc >= acc - tolerance:
+                    reaching.append((mean(other, common, "layer_inversions"), name, common, acc, ref_acc))
             if reaching:
-                _, name, common = min(reaching)
-                ratio = mean(seeds, common, "layer_inversions") / mean(fixed[name], common, "layer_inversions")
-                kept = mean(seeds, common, "test_acc") >= mean(fixed[name], common, "test_acc") - tolerance
+                ref_inversions, name, common, acc, ref_acc = min(reaching)
+                ratio = mean(seeds, common, "layer_inversions") / ref_inversions
+                kept = acc >= ref_acc - tolerance
                 entry.update(reference=name, reference_seeds=common, ratio=ratio, accuracy_kept=kept,
-                             met=kept and ratio <= 1.0 - target,
-                             reference_inversions=mean(fixed[name], common, "layer_inversions"),
-                             reference_acc=mean(fixed[name], common, "test_acc"),
-                             acc_on_reference_seeds=mean(seeds, common, "test_acc"))
+                             met=kept and ratio <= 1.0 - target, reference_inversions=ref_inversions,
+                             reference_acc=ref_acc, acc_on_reference_seeds=acc)
             out.append(entry)
     return out
 

@@ -202,10 +202,7 @@ def relative_change(new: Tensor, old: Tensor, shift: Tensor | float = 0.0) -> Te
     square matrices or, for a diagonal factor, vectors. ``shift`` is the damping the
     preconditioner adds to ``old`` (0: the plain relative change). A zero denominator gives 0
     when ``new == old`` and ``inf`` otherwise."""
-    if new.shape != old.shape:
-        raise ValueError(f"relative_change needs tensors of one shape, got {tuple(new.shape)} and {tuple(old.shape)}")
-    new64, old64 = new.detach().double(), old.detach().double()
-    return _ratio(torch.linalg.vector_norm(new64 - old64), shifted_norm(old64, shift))
+    return _change_ratio("relative_change", new, old, None, shift)
 
 
 def shifted_norm(factor: Tensor, shift: Tensor | float) -> Tensor:
@@ -244,13 +241,19 @@ def corrected_relative_change(
     """``sqrt(max(0, ||new - old||_F^2 - noise^2)) / ||old + shift I||_F`` (float64, no host
     sync), with ``noise^2`` from :func:`noise_floor_sq`; the same conventions as
     :func:`relative_change`."""
-    if new.shape != old.shape:
-        raise ValueError(f"corrected_relative_change needs tensors of one shape, got {tuple(new.shape)} and {tuple(old.shape)}")
-    new64, old64 = new.detach().double(), old.detach().double()
-    diff_sq = torch.linalg.vector_norm(new64 - old64).square()
     noise_sq = torch.as_tensor(noise_floor_sq(deviation_sq_mean, decay, updates), dtype=torch.float64, device=new.device)
-    signal = (diff_sq - noise_sq).clamp(min=0.0).sqrt()
-    return _ratio(signal, shifted_norm(old64, shift))
+    return _change_ratio("corrected_relative_change", new, old, noise_sq, shift)
+
+
+def _change_ratio(caller: str, new: Tensor, old: Tensor, noise_sq: Tensor | None, shift: Tensor | float) -> Tensor:
+    """``||new - old||_F`` (less ``noise_sq`` in quadrature when given) over ``||old + shift I||_F``."""
+    if new.shape != old.shape:
+        raise ValueError(f"{caller} needs tensors of one shape, got {tuple(new.shape)} and {tuple(old.shape)}")
+    new64, old64 = new.detach().double(), old.detach().double()
+    change = torch.linalg.vector_norm(new64 - old64)
+    if noise_sq is not None:
+        change = (change.square() - noise_sq).clamp(min=0.0).sqrt()
+    return _ratio(change, shifted_norm(old64, shift))
 
 
 class LayerStaleness:
