@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lightning_kfac import KFACPreconditioner  # noqa: E402
-from tests.distributed import run_distributed  # noqa: E402
+from lightning_kfac.testing.distributed import run_distributed  # noqa: E402
 from tests.models import MLP, SmallCNN  # noqa: E402
 
 MODELS = {

@@ -38,6 +38,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_kfac.engine.preconditioner import KFACPreconditioner
+from lightning_kfac.engine.report import estimated_memory, fit_summary, format_bytes, layer_statistics
 from lightning_kfac.engine.staleness import StalenessConfig
 from lightning_kfac.engine.validation import (
     check_decay,
@@ -237,6 +238,14 @@ class KFACCallback(Callback):
         self._cache_key = None
 
     # --- hooks -----------------------------------------------------------------------------------
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit" and getattr(trainer.strategy, "precondition", None) is None:
+            raise ValueError(
+                f"KFACCallback needs the K-FAC strategy, but the Trainer's strategy is "
+                f"{type(trainer.strategy).__name__}: use Trainer(strategy='kfac_ddp', ...) (or "
+                "lightning_kfac.KFACDDPStrategy(...)), or remove the KFACCallback to train without K-FAC"
+            )
+
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         preconditioner = self._preconditioner(trainer)
         if preconditioner is None:
@@ -454,199 +463,7 @@ def _inverted(pre: KFACPreconditioner, steps_before: int, count_before: int | No
     count = _inversion_count(pre)
     if count is not None and count_before is not None:
         return count > count_before
-    return (
-        pre.plan is not None
-        and bool(getattr(pre, "_has_inverse", False))
-        and steps_before % pre.inv_update_freq == 0
-        and pre.steps == steps_before + 1
-    )
+    return pre.has_inverse and steps_before % pre.inv_update_freq == 0 and pre.steps == steps_before + 1
 
 
-def _eigen_extremes(pre: KFACPreconditioner, name: str, which: str, running: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(largest, smallest) eigenvalue of factor ``which`` of layer ``name``, from the
-    decomposition this rank holds, else from its running factor (diagnostics only)."""
-    d = None
-    decompositions = getattr(pre, "decompositions", None)
-    if callable(decompositions):
-        d = decompositions().get(name, {}).get(f"d_{which}")
-    else:
-        state = getattr(pre, "_layers", {}).get(name)
-        d = getattr(state, f"d_{which}", None)
-    if d is None and running is not None:
-        d = torch.linalg.eigvalsh(running.detach().double())
-    if d is None or d.numel() == 0:
-        return None
-    d = d.detach().double()
-    return d.max(), d.min()
-
-
-def layer_statistics(pre: KFACPreconditioner) -> dict[str, dict[str, float]]:
-    """Per-layer diagnostics: ``trace_A``, ``trace_G``, ``cond`` (an estimate of the condition
-    number of the damped Kronecker factor, ``(max d_G max d_A + lambda) / (min d_G min d_A + lambda)``)
-    and, in the adaptive mode, ``inv_interval``/``factor_interval``.
-
-    Each rank fills in what it holds (owners: factors; gradient workers: decompositions);
-    when distributed, one max-all-reduce of a small vector combines them, so every rank
-    returns the same keys. Costs device work and a synchronisation: for diagnostics only.
-    """
-    names = list(pre.layers)
-    if not names:
-        return {}
-    device = next(iter(pre.layers.values())).weight.device
-    width = 8  # trace_A, trace_G, max_A, -min_A, max_G, -min_G, inv_interval, factor_interval
-    neg_inf = float("-inf")
-    table = torch.full((len(names), width), neg_inf, dtype=torch.float64, device=device)
-    factors = pre.factors()
-    staleness = getattr(pre, "staleness_states", None) or {}
-    for i, name in enumerate(names):
-        running_a, running_g = factors.get(name, (None, None))
-        if running_a is not None:
-            table[i, 0] = running_a.detach().double().diagonal().sum()
-        if running_g is not None:
-            table[i, 1] = running_g.detach().double().diagonal().sum()
-        for col, which, running in ((2, "a", running_a), (4, "g", running_g)):
-            extremes = _eigen_extremes(pre, name, which, running)
-            if extremes is not None:
-                table[i, col] = extremes[0]
-                table[i, col + 1] = -extremes[1]
-        state = staleness.get(name)
-        if state is not None:
-            table[i, 6] = float(state.inverse_interval)
-            table[i, 7] = float(state.factor_interval)
-    if pre.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(table, op=torch.distributed.ReduceOp.MAX)
-    rows = table.cpu().tolist()
-    decompositions = pre.decompositions()
-    out: dict[str, dict[str, float]] = {}
-    for name, row in zip(names, rows):
-        # the damping of the layer's last inversion (the current one before the first)
-        damping = float(decompositions.get(name, {}).get("damping") or pre.damping)
-        values: dict[str, float] = {}
-        if math.isfinite(row[0]):
-            values["trace_A"] = row[0]
-        if math.isfinite(row[1]):
-            values["trace_G"] = row[1]
-        if all(math.isfinite(v) for v in row[2:6]):
-            top = row[4] * row[2] + damping
-            bottom = max(-row[5], 0.0) * max(-row[3], 0.0) + damping
-            values["cond"] = top / bottom
-        if math.isfinite(row[6]):
-            values["inv_interval"] = row[6]
-            values["factor_interval"] = row[7]
-        if values:
-            out[name] = values
-    return out
-
-
-# --- fit-start summary ---------------------------------------------------------------------------
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _ranks(ranks: tuple[int, ...], world: int) -> str:
-    if len(ranks) == world and world > 1:
-        return "all"
-    if len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
-        return f"{ranks[0]}-{ranks[-1]}"
-    return ",".join(str(r) for r in ranks)
-
-
-def estimated_memory(pre: KFACPreconditioner, plan: Any) -> list[dict[str, int]]:
-    """Bytes each rank will hold once training runs: running factors (owners), per-step
-    accumulators (every rank, every layer) and decompositions (gradient workers)."""
-    f_size = pre.config.factor_dtype.itemsize
-    i_size = pre.config.inverse_dtype.itemsize
-    eigen = pre.config.inverse_method == "eigen"
-    out = []
-    for rank in range(plan.world_size):
-        factors = accumulators = decompositions = 0
-        for name, layer in pre.layers.items():
-            a, g = layer.a_dim, layer.g_dim
-            accumulators += (a * a + g * g) * f_size
-            if plan.a_owner[name] == rank:
-                factors += a * a * f_size
-            if plan.g_owner[name] == rank:
-                factors += g * g * f_size
-            if plan.is_grad_worker(name, rank):
-                elements = (a * a + a + g * g + g + g * a) if eigen else (a * a + g * g)
-                decompositions += elements * i_size
-        out.append({"factors": factors, "accumulators": accumulators, "decompositions": decompositions,
-                    "total": factors + accumulators + decompositions})
-    return out
-
-
-def fit_summary(
-    pre: KFACPreconditioner,
-    hyperparameters: dict[str, Any] | None = None,
-    adaptive: StalenessConfig | None = None,
-    max_rows: int = 24,
-) -> str:
-    """One screen: preconditioned layers (kind, factor shapes, owners, gradient workers),
-    skipped layers and why, the distribution mode, and the estimated memory per rank."""
-    plan = pre.prospective_plan()
-    layers = pre.layers
-    config = pre.config
-    lines = [
-        f"K-FAC: {len(layers)} layer(s) preconditioned, {len(pre.skipped)} skipped | world size {plan.world_size}, "
-        f"{plan.mode} ({plan.grad_workers} gradient worker(s) per layer) | {config.inverse_method}, "
-        f"factors {str(config.factor_dtype).removeprefix('torch.')}, "
-        f"inverses {str(config.inverse_dtype).removeprefix('torch.')}"
-    ]
-    if hyperparameters:
-        hp = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in hyperparameters.items())
-        lines.append(f"  hyperparameters at start: {hp}")
-    if adaptive is not None:
-        lines.append(
-            f"  adaptive intervals: threshold {adaptive.threshold:g}, inversions every "
-            f"{adaptive.min_interval}..{adaptive.max_interval} steps, x{adaptive.growth:g} / x{adaptive.shrink:g}, "
-            f"change of the {'damped' if adaptive.damped else 'raw'} factors"
-            f"{' net of sampling noise' if adaptive.noise_corrected else ''}"
-            f"{f', probe_after={adaptive.probe_after}: a run of {adaptive.probe_after} changes in the hold band grows the interval' if adaptive.probe_after else ''}"
-        )
-    if layers:
-        rows = [("layer", "kind", "A", "G", "owner A/G", "workers")]
-        order = sorted(layers, key=lambda n: -(layers[n].a_dim ** 3 + layers[n].g_dim ** 3))
-        shown = set(order[:max_rows])
-        for name, layer in layers.items():
-            if name not in shown:
-                continue
-            owner = f"{plan.a_owner[name]}/{plan.g_owner[name]}"
-            rows.append((
-                name or "(model)",
-                layer.kind,
-                f"{layer.a_dim}x{layer.a_dim}",
-                f"{layer.g_dim}x{layer.g_dim}",
-                owner,
-                _ranks(plan.grad_worker_ranks(name), plan.world_size),
-            ))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if len(layers) > max_rows:
-            hidden = [layers[n] for n in order[max_rows:]]
-            elements = sum(l.a_dim ** 2 + l.g_dim ** 2 for l in hidden)
-            lines.append(f"  ... and {len(hidden)} smaller layer(s) ({elements} factor elements)")
-    if pre.skipped:
-        lines.append("  skipped (plain gradient):")
-        shown_skips = pre.skipped[:max_rows]
-        width = max(len(s.name or "(model)") for s in shown_skips)
-        for s in shown_skips:
-            lines.append(f"    {(s.name or '(model)').ljust(width)}  {s.kind}: {s.reason}")
-        if len(pre.skipped) > max_rows:
-            lines.append(f"    ... and {len(pre.skipped) - max_rows} more")
-    memory = estimated_memory(pre, plan)
-    if memory and layers:
-        worst = max(range(len(memory)), key=lambda r: memory[r]["total"])
-        m = memory[worst]
-        lines.append(
-            f"  estimated memory, rank {worst} (the most loaded): {_bytes(m['total'])} = factors {_bytes(m['factors'])}"
-            f" + step accumulators {_bytes(m['accumulators'])} + decompositions {_bytes(m['decompositions'])}"
-        )
-        if len(memory) > 1:
-            per_rank = ", ".join(f"{r}: {_bytes(m['total'])}" for r, m in enumerate(memory[:16]))
-            lines.append(f"  per rank: {per_rank}{' ...' if len(memory) > 16 else ''}")
-    return "\n".join(lines)
+__all__ = ["KFACCallback", "estimated_memory", "fit_summary", "format_bytes", "layer_statistics"]

@@ -12,7 +12,8 @@ What the strategy adds around the engine, so that Lightning's features keep work
 * ``accumulate_grad_batches=k``: the hooks record every micro-batch, the factors are combined so
   that k micro-batches of B/k give the factors of one batch of B, and K-FAC steps (and
   communicates) once per optimizer step. A shorter last window of an epoch (m < k micro-batches)
-  gets the factors of one batch of m*B/k.
+  gets the factors of one batch of m*B/k (G is the mean over the backward passes that reached
+  each layer).
 * ``precision="16-mixed"``: G is corrected by the grad scaler's scale; a step the scaler skips
   (inf/NaN gradients) updates no factor, no running average and no decomposition.
 * Evaluation (sanity check, validation, test, predict) never records factors nor starts a
@@ -28,7 +29,7 @@ namespace: :class:`KFACDDPStrategy` here for ``pytorch_lightning``, and
 
 from __future__ import annotations
 
-import math
+import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -61,6 +62,7 @@ class _KFACStrategyBase:
         comm_dtype: str | torch.dtype | None = None,
         symmetric_comm: bool = True,
         overlap_factor_comm: bool = True,
+        cpu_threads: int | None = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -76,8 +78,12 @@ class _KFACStrategyBase:
             comm_dtype=comm_dtype,  # type: ignore[arg-type]
             symmetric_comm=symmetric_comm,
             overlap_factor_comm=overlap_factor_comm,
+            cpu_threads=cpu_threads,
         )
         self.preconditioner: KFACPreconditioner | None = None
+        # the last fit's preconditioner, hooks removed: trainer.save_checkpoint after fit
+        # writes its state
+        self._finished_preconditioner: KFACPreconditioner | None = None
         self._restored_kfac_state: dict[str, Any] | None = None
         self._step_hook_handles: list[Any] = []
         # True once precondition() has handled the current gradients; reset by a backward pass
@@ -117,6 +123,7 @@ class _KFACStrategyBase:
         self._check_optimizers()
         if self.preconditioner is not None:
             self.preconditioner.remove()
+        self._finished_preconditioner = None
         self.preconditioner = KFACPreconditioner(module, config=self.kfac_config)
         self.preconditioner.accumulation_steps = max(1, int(trainer.accumulate_grad_batches))
         self.preconditioner.recording = False  # until the first training batch
@@ -157,6 +164,7 @@ class _KFACStrategyBase:
         self._step_hook_handles.clear()
         if self.preconditioner is not None:
             self.preconditioner.remove()
+            self._finished_preconditioner = self.preconditioner
             self.preconditioner = None
         super().teardown()  # type: ignore[misc]
 
@@ -227,13 +235,6 @@ class _KFACStrategyBase:
                 self._discard_step(pre)  # the scaler skips this optimizer step
                 return
             grad_scale = _scale_tensor(scaler)
-        window = pre.accumulation_steps
-        if automatic and micro_batches != window:
-            # a shorter last window of the epoch: Lightning still divided each loss by k, so the
-            # output gradients are m/k of what the engine assumes for m micro-batches; passing
-            # sqrt(m/k) as a gradient scale gives the factors of one batch of m*B/k
-            ratio = math.sqrt(micro_batches / window)
-            grad_scale = ratio if grad_scale is None else grad_scale * ratio
         lr = float(optimizer.param_groups[0]["lr"])
         pre.step(lr=lr, grad_scale=grad_scale)
 
@@ -267,15 +268,24 @@ class _KFACStrategyBase:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        # every rank reaches here (only rank 0 writes), so gathering the owners' factors is safe
-        if self.preconditioner is not None:
-            checkpoint[CHECKPOINT_KEY] = self.preconditioner.state_dict()
+        # every rank reaches here (only rank 0 writes), so gathering the owners' factors is safe;
+        # after fit (trainer.save_checkpoint) the finished run's state is the one to keep
+        pre = self.preconditioner or self._finished_preconditioner
+        if pre is not None:
+            checkpoint[CHECKPOINT_KEY] = pre.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
         # Lightning restores before setup builds the preconditioner: keep the state until then
         self._restored_kfac_state = checkpoint.get(CHECKPOINT_KEY)
+        trainer = getattr(self.lightning_module, "_trainer", None)  # type: ignore[attr-defined]
+        if self._restored_kfac_state is None and trainer is not None and trainer.state.fn == "fit":
+            warnings.warn(
+                f"kfac_ddp: the checkpoint {checkpoint_path} holds no K-FAC state (saved by another strategy, "
+                "or by trainer.save_checkpoint in a version that lost it after fit); K-FAC starts its factors afresh",
+                stacklevel=2,
+            )
         if self._restored_kfac_state is not None and self.preconditioner is not None:
             _restore_state(self.preconditioner, self._restored_kfac_state)
             self._restored_kfac_state = None

@@ -24,6 +24,15 @@ def one_thread():
 
 
 @pytest.fixture
+def float64_default():
+    """float64 as the default dtype for a test (oracles at 1e-10 and tighter)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture
 def clean_process_group():
     """In-process Lightning runs initialise a (world size 1) process group; forked tests that
     follow must not inherit it."""

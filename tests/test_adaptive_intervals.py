@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.engine.staleness import StalenessConfig
-from tests.distributed import run_distributed
+from lightning_kfac.testing.distributed import run_distributed
 from tests.models import MLP, SmallCNN, cnn_batches
 
 

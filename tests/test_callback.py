@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_kfac  # noqa: F401  (registers "kfac_ddp")
 from lightning_kfac import KFACCallback, KFACPreconditioner
-from lightning_kfac.callback import _bytes, estimated_memory, fit_summary, layer_statistics
+from lightning_kfac.engine.report import estimated_memory, fit_summary, layer_statistics
+from lightning_kfac.engine.report import format_bytes as _bytes
 from lightning_kfac.engine.staleness import LayerStaleness, StalenessConfig
 from lightning_kfac.schedules import LinearWarmup, StepDecay
 from tests.conftest import quiet_trainer

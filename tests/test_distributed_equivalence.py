@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_kfac import KFACPreconditioner
-from tests.distributed import run_distributed
+from lightning_kfac.testing.distributed import run_distributed
 from tests.models import SmallCNN, cnn_batches
 
 STEPS = 5

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.distributed import LayerShape, WorkPlan, balance_lower_bound
 from lightning_kfac.distributed.assignment import factor_cost, lpt_assign
-from tests.distributed import run_distributed
+from lightning_kfac.testing.distributed import run_distributed
 from tests.models import MLP, SmallCNN, cnn_batches
 
 

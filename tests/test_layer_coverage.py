@@ -14,11 +14,8 @@ from tests.models import SmallCNN
 
 
 @pytest.fixture(autouse=True)
-def _float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+def _float64_default(float64_default):
+    """Every test here runs with float64 as the default dtype."""
 
 
 def _rel(a, b) -> float:

@@ -6,20 +6,17 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.engine import curvature
+from lightning_kfac.testing.oracles import conv2d_factors_by_positions
 
 
 
 @pytest.fixture(autouse=True)
-def _float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+def _float64_default(float64_default):
+    """Every test here runs with float64 as the default dtype."""
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -190,30 +187,6 @@ def test_kl_clip_without_lr_is_a_clear_error():
         _run_step(layer, x, target, kl_clip=1e-3)
 
 
-def _conv_factors_by_positions(conv: nn.Conv2d, x: torch.Tensor, gy: torch.Tensor):
-    """A and G of a Conv2d from an explicit loop over output positions (no unfold)."""
-    kh, kw = conv.kernel_size
-    sh, sw = conv.stride
-    ph, pw = conv.padding
-    dh, dw = conv.dilation
-    padded = F.pad(x, (pw, pw, ph, ph))
-    batch, _, out_h, out_w = gy.shape
-    rows_a, rows_g = [], []
-    for b in range(batch):
-        for i in range(out_h):
-            for j in range(out_w):
-                patch = padded[b, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
-                a = patch.reshape(-1)
-                if conv.bias is not None:
-                    a = torch.cat([a, torch.ones(1)])
-                rows_a.append(a)
-                rows_g.append(gy[b, :, i, j])
-    a_rows = torch.stack(rows_a)
-    g_rows = torch.stack(rows_g)
-    # A: mean over all B*L rows; G: B * sum over rows of gy gy^T
-    return a_rows.T @ a_rows / a_rows.shape[0], batch * g_rows.T @ g_rows
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -232,7 +205,7 @@ def test_conv2d_factors_equal_per_position_computation(kwargs):
     y.register_hook(lambda grad: captured.setdefault("gy", grad.clone()))
     (y.sin().sum() / x.shape[0]).backward()
     pre.step()
-    expected_a, expected_g = _conv_factors_by_positions(conv, x, captured["gy"])
+    expected_a, expected_g = conv2d_factors_by_positions(conv, x, captured["gy"])
     running_a, running_g = pre.factors()[""]
     assert _relative_error(running_a, expected_a) <= 1e-10
     assert _relative_error(running_g, expected_g) <= 1e-10

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from tests.conftest import ROOT, script_env
-from tests.distributed import free_port
+from lightning_kfac.testing.distributed import free_port
 from tests.scripts.kfac_lit import ACCUMULATE, EvalProbe, FinalState, flat_params, multi_run
 
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "kfac_multi.py")

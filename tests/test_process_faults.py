@@ -14,7 +14,7 @@ import time
 import torch
 
 from tests.conftest import ROOT, script_env
-from tests.distributed import free_port
+from lightning_kfac.testing.distributed import free_port
 
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "fault_run.py")
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_kfac import KFACConfig, KFACPreconditioner
-from tests.distributed import run_distributed
+from lightning_kfac.testing.distributed import run_distributed
 from tests.models import MLP, SmallCNN, cnn_batches
 
 # --- bad input ---------------------------------------------------------------------------------

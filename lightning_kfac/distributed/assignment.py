@@ -28,9 +28,14 @@ def lpt_assign(costs: Sequence[float], world_size: int) -> tuple[list[int], list
     Returns the owner of every task and the load of every rank. Deterministic, so every rank
     computes the same plan without communicating.
     """
+    return _lpt_continue(costs, [0.0] * world_size)
+
+
+def _lpt_continue(costs: Sequence[float], loads: list[float]) -> tuple[list[int], list[float]]:
+    """:func:`lpt_assign` starting from the given per-rank ``loads`` (updated and returned)."""
     owners = [0] * len(costs)
-    loads = [0.0] * world_size
-    heap = [(0.0, rank) for rank in range(world_size)]
+    heap = [(load, rank) for rank, load in enumerate(loads)]
+    heapq.heapify(heap)
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
     for task in order:
         load, rank = heapq.heappop(heap)
@@ -63,6 +68,8 @@ class WorkPlan:
     a_owner: dict[str, int]
     g_owner: dict[str, int]
     loads: tuple[float, ...]
+    cost: str = "compute"
+    split_factors: bool = False
 
     @classmethod
     def build(
@@ -73,17 +80,32 @@ class WorkPlan:
         cost: str = "compute",
         split_factors: bool = False,
     ) -> "WorkPlan":
-        if split_factors:
-            costs = [factor_cost(d, cost) for layer in layers for d in (layer.a_dim, layer.g_dim)]
-            owners, loads = lpt_assign(costs, world_size)
-            a_owner = {layer.name: owners[2 * i] for i, layer in enumerate(layers)}
-            g_owner = {layer.name: owners[2 * i + 1] for i, layer in enumerate(layers)}
+        empty = cls(world_size, grad_workers, {}, {}, tuple(0.0 for _ in range(world_size)), cost, split_factors)
+        return empty.extended(layers)
+
+    def extended(self, layers: Sequence[LayerShape]) -> "WorkPlan":
+        """This plan with ``layers`` (not yet in it) added: largest first, each to the least
+        loaded rank given the loads so far, so that a plan grown in steps is balanced like one
+        built at once, and one built from nothing is :func:`lpt_assign`'s. The owners already
+        chosen stay (their factors live there)."""
+        if self.split_factors:
+            tasks = [(layer.name, side, dim) for layer in layers for side, dim in (("a", layer.a_dim), ("g", layer.g_dim))]
+            costs = [factor_cost(dim, self.cost) for _, _, dim in tasks]
         else:
-            costs = [factor_cost(layer.a_dim, cost) + factor_cost(layer.g_dim, cost) for layer in layers]
-            owners, loads = lpt_assign(costs, world_size)
-            a_owner = {layer.name: owners[i] for i, layer in enumerate(layers)}
-            g_owner = dict(a_owner)
-        return cls(world_size, grad_workers, a_owner, g_owner, tuple(loads))
+            tasks = [(layer.name, "ag", 0) for layer in layers]
+            costs = [factor_cost(layer.a_dim, self.cost) + factor_cost(layer.g_dim, self.cost) for layer in layers]
+        owners, loads = _lpt_continue(costs, list(self.loads))
+        a_owner, g_owner = dict(self.a_owner), dict(self.g_owner)
+        for (name, side, _), owner in zip(tasks, owners):
+            if "a" in side:
+                a_owner[name] = owner
+            if "g" in side:
+                g_owner[name] = owner
+        return WorkPlan(self.world_size, self.grad_workers, a_owner, g_owner, tuple(loads), self.cost, self.split_factors)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.a_owner)
 
     # --- groups ------------------------------------------------------------------------------
     def worker_blocks(self) -> list[tuple[int, ...]]:

@@ -8,7 +8,7 @@ decides where to wait, so communication overlaps whatever runs in between.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -88,6 +88,9 @@ class Communicator:
             self._block_groups[0] = self.world_group
         else:
             self._receive_groups[0] = self.world_group
+        # row counts are host data: on a gloo group they need no device synchronisation
+        gloo = dist.get_backend(self.world_group) == "gloo"
+        self._counts_group = self.world_group if gloo else dist.new_group(list(range(world)), backend="gloo")
 
     def _counter(self, kind: str) -> Callable[[int], None]:
         def count(nbytes: int) -> None:
@@ -136,6 +139,15 @@ class Communicator:
             self._counter(kind),
         )
 
+    def all_reduce_counts(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over ranks of a short list of host numbers (row counts, flags), in
+        float64 (exact for integers below 2**53); blocking. Issued after the step's factor
+        buckets on the same group, so every rank's collectives stay in one order."""
+        tensor = torch.tensor(list(values), dtype=torch.float64)
+        self.bytes_by_kind["counts"] += tensor.numel() * tensor.element_size()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._counts_group)
+        return tensor.tolist()
+
     def total_bytes(self) -> int:
         return sum(self.bytes_by_kind.values())
 
@@ -147,6 +159,9 @@ class FactorBucket:
     owner: int
     entries: list[tuple[str, str]]  # (layer name, "a" or "g")
     pending: PendingCollective | None = None
+    #: per layer, the (A rows, G rows, backward passes) recorded when the bucket was launched:
+    #: a call after that makes the bucket late
+    snapshot: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def layers(self) -> set[str]:
@@ -192,9 +207,3 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
-def all_ranks_agree_min(values: Tensor) -> Tensor:
-    """Element-wise minimum over ranks (a no-op on one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.MIN)
-    return values

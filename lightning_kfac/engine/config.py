@@ -18,6 +18,7 @@ from lightning_kfac.engine.validation import (
     check_float_dtype,
     check_fraction,
     check_positive_float,
+    check_positive_int,
 )
 
 INVERSE_METHODS = ("eigen", "cholesky")
@@ -47,8 +48,14 @@ class KFACConfig:
             ``factor_dtype``. ``None`` sends ``factor_dtype``.
         symmetric_comm: send symmetric factors as upper triangles (about half the bytes).
         overlap_factor_comm: launch each bucket's reduction from the backward hooks as soon as
-            its layers' factors are complete, overlapping the rest of backward. Assumes each
-            layer is called the same number of times every step (as learnt on the first step).
+            its layers' factors are complete, overlapping the rest of backward. A layer's calls
+            per step are learnt from earlier steps; a step with more calls sends that bucket
+            again in full (agreed by all ranks), so the factors are exact either way.
+        cpu_threads: intra-op CPU threads for K-FAC's own work (factor products in the hooks,
+            decompositions, preconditioning, KL clip). Float results of CPU eigh, Cholesky and
+            matrix products depend on the thread count, which launchers set differently per node
+            layout, so a fixed count gives the same results on one node or several. ``None``
+            keeps torch's setting (faster on many-core CPUs). GPU work is not affected.
     """
 
     inverse_method: str = "eigen"
@@ -62,6 +69,7 @@ class KFACConfig:
     comm_dtype: torch.dtype | None = None
     symmetric_comm: bool = True
     overlap_factor_comm: bool = True
+    cpu_threads: int | None = 1
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -85,6 +93,8 @@ class KFACConfig:
         set_(self, "bucket_cap_mb", check_positive_float("bucket_cap_mb", self.bucket_cap_mb))
         if self.comm_dtype is not None:
             set_(self, "comm_dtype", check_float_dtype("comm_dtype", self.comm_dtype))
+        if self.cpu_threads is not None:
+            set_(self, "cpu_threads", check_positive_int("cpu_threads", self.cpu_threads))
         for flag in ("symmetric_comm", "overlap_factor_comm"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")

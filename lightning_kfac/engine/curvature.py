@@ -8,9 +8,29 @@ explicit Kronecker solve.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+
+from lightning_kfac.engine.factors import pack_symmetric, triu_flat_indices, unpack_symmetric
+
+__all__ = [
+    "all_finite",
+    "cholesky_precondition",
+    "damped_cholesky_inverses",
+    "eigen_decompose",
+    "eigen_inverse_denominator",
+    "eigen_precondition",
+    "intra_op_threads",
+    "kl_clip_scale",
+    "pack_symmetric",
+    "running_average_",
+    "tikhonov_pi",
+    "triu_flat_indices",
+    "unpack_symmetric",
+]
 
 
 def all_finite(tensor: Tensor) -> Tensor:
@@ -35,6 +55,24 @@ def running_average_(running: Tensor, batch: Tensor, decay: float, finite: Tenso
     the caller's scratch: its NaN/Inf entries are zeroed (``0 * NaN`` would reach ``running``)."""
     batch.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     return running.lerp_(batch, finite.to(running.dtype) * (1.0 - decay))
+
+
+@contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` intra-op CPU threads (``None``: as torch is set). CPU eigh,
+    Cholesky and long dot products round differently with different thread counts, and
+    launchers pick the count per node layout (Lightning: CPUs / local processes; torchrun: 1
+    only with several processes per node), so K-FAC fixes it for those operations to give the
+    same results on any layout. Device (GPU) work does not depend on it."""
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # --- eigen -----------------------------------------------------------------------------------
@@ -110,32 +148,3 @@ def kl_clip_scale(vg_sum: Tensor, lr: float, kl_clip: float) -> Tensor:
     """nu = min(1, sqrt(kl_clip / (lr^2 sum <V', V>))), as a 0-dim tensor (no host sync)."""
     denominator = (vg_sum.abs() * (lr * lr)).clamp(min=torch.finfo(vg_sum.dtype).tiny)
     return torch.sqrt(kl_clip / denominator).clamp(max=1.0)
-
-
-# --- symmetric packing -----------------------------------------------------------------------
-_TRIU_CACHE: dict[tuple[int, str], Tensor] = {}
-
-
-def triu_flat_indices(n: int, device: torch.device) -> Tensor:
-    """Flat indices of the upper triangle (diagonal included) of an n x n matrix."""
-    key = (n, str(device))
-    cached = _TRIU_CACHE.get(key)
-    if cached is None:
-        rows, cols = torch.triu_indices(n, n, device=device)
-        cached = rows * n + cols
-        _TRIU_CACHE[key] = cached
-    return cached
-
-
-def pack_symmetric(matrix: Tensor) -> Tensor:
-    """The n(n+1)/2 upper-triangle values of a symmetric matrix."""
-    n = matrix.shape[0]
-    return matrix.reshape(-1)[triu_flat_indices(n, matrix.device)]
-
-
-def unpack_symmetric(values: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`pack_symmetric`."""
-    flat = values.new_zeros(n * n)
-    flat[triu_flat_indices(n, values.device)] = values
-    upper = flat.reshape(n, n)
-    return upper + upper.triu(1).T

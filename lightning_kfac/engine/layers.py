@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_kfac.engine.factors import FactorLayout
+
 
 class KFACLayer:
     """A supported module: turns its input and output gradient into factor statistics and
@@ -33,7 +35,40 @@ class KFACLayer:
 
     @property
     def a_shape(self) -> tuple[int, ...]:
-        return (self.a_dim,) if self.a_diagonal else (self.a_dim, self.a_dim)
+        return self.a_layout.shape
+
+    @property
+    def a_layout(self) -> FactorLayout:
+        """A as recorded, stored and sent (with the bias column whenever the module has a bias)."""
+        return FactorLayout("A", self.a_dim, self.a_diagonal)
+
+    @property
+    def g_layout(self) -> FactorLayout:
+        return FactorLayout("G", self.g_dim)
+
+    @property
+    def trains(self) -> bool:
+        """The weight trains now: the layer records factors and is preconditioned. (A layer
+        whose weight is frozen keeps its factors and waits; a frozen bias alone is handled by
+        :attr:`bias_trains`.)"""
+        return bool(self.weight.requires_grad)
+
+    @property
+    def bias_trains(self) -> bool:
+        """The module has a bias and it trains: V and the decomposition of A include the bias
+        column. A frozen bias leaves a weight-only K-FAC layer: A without its last row and
+        column, V = dL/dW, and nothing written into the bias's gradient."""
+        return self.has_bias and bool(self.module.bias.requires_grad)  # type: ignore[union-attr]
+
+    @property
+    def active_a_layout(self) -> FactorLayout:
+        """The part of A that is decomposed and multiplies V: all of it, or the weight block."""
+        return FactorLayout("A", self.a_dim - int(self.has_bias and not self.bias_trains), self.a_diagonal)
+
+    def active_a(self, a: Tensor) -> Tensor:
+        """``a`` restricted to :attr:`active_a_layout` (a view)."""
+        n = self.active_a_layout.dim
+        return a if n == self.a_dim else a[:n, :n]
 
     def a_statistics(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
         """(sum over rows of a_r a_r^T, number of rows) for one call."""
@@ -74,8 +109,9 @@ class KFACLayer:
         return self.weight.shape[0]
 
     def parameters(self) -> list[nn.Parameter]:
+        """The parameters K-FAC writes gradients into now (a frozen bias is not one)."""
         params = [self.module.weight]
-        if self.has_bias:
+        if self.bias_trains:
             params.append(self.module.bias)
         return params  # type: ignore[return-value]
 
@@ -108,7 +144,7 @@ class KFACLayer:
         if weight_grad is None:
             return None
         matrix = weight_grad.reshape(self.g_dim, -1)
-        if self.has_bias:
+        if self.bias_trains:
             bias_grad = self.module.bias.grad  # type: ignore[union-attr]
             if bias_grad is None:
                 bias_grad = torch.zeros_like(self.module.bias)  # type: ignore[arg-type]
@@ -121,7 +157,7 @@ class KFACLayer:
         weight = self.weight
         n_weight = weight[0].numel()
         _write_scaled(weight.grad, matrix[:, :n_weight], scale, (self.g_dim, n_weight))  # type: ignore[arg-type]
-        if self.has_bias:
+        if self.bias_trains:
             bias = self.module.bias
             if bias.grad is None:  # type: ignore[union-attr]
                 bias.grad = torch.zeros_like(bias)  # type: ignore[union-attr]
@@ -256,10 +292,8 @@ class EmbeddingLayer(KFACLayer):
 
 def make_layer(name: str, module: nn.Module) -> tuple[KFACLayer | None, str | None]:
     """The handler for a module, or None and the reason it stays first-order (None, None for
-    modules that hold no weights K-FAC would consider)."""
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
-        if not module.weight.requires_grad:
-            return None, "frozen (weight.requires_grad=False)"
+    modules that hold no weights K-FAC would consider). Frozen layers are handled too: they
+    record and are preconditioned from the first step on which their weight trains."""
     if isinstance(module, nn.Linear):
         return LinearLayer(name, module), None
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -1,9 +1,10 @@
-"""KFACPreconditioner: one K-FAC step, in the order of ``shared/ARCHITECTURE.md``.
+"""KFACPreconditioner: one K-FAC step, in the order of ``docs/design.md``.
 
     forward hook   -> a rows of the layer input      -> sum of a a^T
     tensor hook    -> output gradient rows gy         -> sum of B gy gy^T
     step():
-      factor update  (every factor_update_freq steps) local factors -> reduced to owners
+      factor update  (every factor_update_freq steps) local factor sums and row counts
+                                                      -> reduced to owners, weighted by rows
                                                       -> owners' running averages
       inversion      (every inv_update_freq steps)    owners decompose, damping applied
                                                       -> broadcast to the layer's grad workers
@@ -13,6 +14,12 @@
 
 Usable in a plain loop (``loss.backward(); preconditioner.step(); optimizer.step()``); the
 Lightning strategy drives the same object.
+
+Layers join the work plan on the first step their hooks record anything on any rank (a layer
+frozen at the start joins when it is unfrozen, a branch when it is first taken); until then
+they keep their plain gradient. A factor update averages only the rows that exist: a layer
+that sits out a step keeps its running factors, and one that some ranks skip gets the factors
+of the ranks that used it.
 """
 
 from __future__ import annotations
@@ -29,20 +36,19 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd import Variable
 
 from lightning_kfac.distributed.assignment import LayerShape, WorkPlan
-from lightning_kfac.distributed.comm import (
-    Communicator,
-    FactorBucket,
-    all_ranks_agree_min,
-    plan_factor_buckets,
-    world_info,
-)
+from lightning_kfac.distributed.comm import Communicator, FactorBucket, plan_factor_buckets, world_info
 from lightning_kfac.engine import curvature
 from lightning_kfac.engine.config import KFACConfig
-from lightning_kfac.engine.staleness import LayerStaleness, StalenessConfig
-from lightning_kfac.engine.staleness import corrected_relative_change, relative_change
 from lightning_kfac.engine.layers import KFACLayer, make_layer
+from lightning_kfac.engine.staleness import (
+    LayerStaleness,
+    StalenessConfig,
+    corrected_relative_change,
+    relative_change,
+)
 from lightning_kfac.engine.validation import (
     check_decay,
     check_optional_positive_float,
@@ -51,6 +57,11 @@ from lightning_kfac.engine.validation import (
 )
 
 STATE_VERSION = 1
+#: factor updates a trainable layer may record nothing on every rank before it is reported as
+#: never firing (a module used functionally); more than one, so a layer that sits out the first
+#: step is not mistaken for one
+SILENT_AFTER_FACTOR_STEPS = 3
+_DECOMPOSITION_KEYS = {"eigen": ("q_a", "d_a", "q_g", "d_g"), "cholesky": ("a_inv", "g_inv")}
 
 
 @dataclass
@@ -61,7 +72,10 @@ class _LayerState:
     a_sum: Tensor | None = None
     a_rows: int = 0
     g_sum: Tensor | None = None
+    g_rows: int = 0
     g_calls: int = 0
+    g_passes: int = 0  # backward passes that reached the layer
+    last_pass: int = -1
     # owner's running averages
     running_a: Tensor | None = None
     running_g: Tensor | None = None
@@ -75,12 +89,35 @@ class _LayerState:
     g_inv: Tensor | None = None
     # count of dropped non-finite factor updates, on the device until the next inversion
     nonfinite: Tensor | None = None
+    # the same on every rank: factor updates and inversions so far, and whether the bias
+    # column was part of the decomposition in force
+    a_updates: int = 0
+    g_updates: int = 0
+    inversions: int = 0
+    decomposed_with_bias: bool | None = None
+    silent_factor_steps: int = 0
 
     def clear_batch(self) -> None:
         self.a_sum = None
         self.a_rows = 0
         self.g_sum = None
+        self.g_rows = 0
         self.g_calls = 0
+        self.g_passes = 0
+        self.last_pass = -1
+
+    @property
+    def recorded(self) -> bool:
+        return bool(self.a_rows or self.g_calls)
+
+    @property
+    def has_factors(self) -> bool:
+        return self.a_updates > 0 and self.g_updates > 0
+
+    def clear_decomposition(self) -> None:
+        self.q_a = self.d_a = self.q_g = self.d_g = self.inv_denominator = self.a_inv = self.g_inv = None
+        self.inversions = 0
+        self.decomposed_with_bias = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +131,8 @@ class KFACPreconditioner:
     """Kronecker-factored preconditioning of every supported layer of ``model``.
 
     Args:
-        model: the module to precondition (hooks go on its ``nn.Linear`` and ``nn.Conv2d``).
+        model: the module to precondition (hooks go on its ``nn.Linear``, ``nn.Conv1d/2d/3d``
+            and ``nn.Embedding`` layers, frozen or not).
         damping: Tikhonov damping lambda > 0, applied at each inversion.
         factor_update_freq: steps between factor updates.
         inv_update_freq: steps between inversions (decompositions).
@@ -148,19 +186,32 @@ class KFACPreconditioner:
         self._removed = False
         self.rank, self.world_size = world_info()
         self._grad_workers = self.config.grad_workers_per_layer(self.world_size)
+        # factor sums of float16 factors are accumulated in float32: products of loss-scaled
+        # gradients overflow float16 long before the scale is divided out
+        factor_dtype = self.config.factor_dtype
+        self._accumulate_dtype = torch.float32 if factor_dtype == torch.float16 else factor_dtype
         self._layers: dict[str, _LayerState] = {}
         self.skipped: list[SkippedLayer] = []
         self._model = weakref.ref(model)
         self._register(model)
 
-        self._plan: WorkPlan | None = None
+        self._plan = WorkPlan.build(
+            [], self.world_size, self._grad_workers, self.config.assignment_cost, self.config.split_factors
+        )
         self._comm: Communicator | None = None
         self._step_buckets: list[FactorBucket] | None = None
         self._exchange: int | None = None
-        self._expected_calls: dict[str, int] | None = None
-        self._has_factors = False
-        self._has_inverse = False
+        # most output-gradient calls a layer had in one step: its bucket may go once reached
+        self._expected_calls: dict[str, int] = {}
+        # per layer, (A, G) rows per rank the wire values are divided by (agreed on every rank)
+        self._row_scale: dict[str, tuple[float, float]] = {}
         self._inverse_damping: dict[str, float] = {}
+        self._reported_silent: set[str] = set()
+        self._loaded_layers: set[str] | None = None
+        # backward passes seen (the hooks count the passes that reach each layer)
+        self._backward_passes = 0
+        self._in_backward = False
+        self._pass_tracking = True
         # stale statistics (adaptive per-layer intervals); None: the global intervals apply
         self._staleness: StalenessConfig | None = None
         self.staleness_states: dict[str, LayerStaleness] = {}
@@ -178,7 +229,6 @@ class KFACPreconditioner:
         self.layer_inversions = 0
         #: synchronise the device around each phase so timings_ms are device times (slower)
         self.sync_timings = False
-        self._pending_state: dict[str, Any] | None = None
         self.last_kl_scale: Tensor | None = None
         #: decompositions that failed (also after a float64 retry) and kept the last good one
         self.decomposition_failures = 0
@@ -256,9 +306,13 @@ class KFACPreconditioner:
         self._due_cache = None
         if value is not None:
             for name in self._layers:
-                self.staleness_states[name] = LayerStaleness(value, self._inv_update_freq, self._factor_update_freq)
-                self._next_factor_step[name] = self.steps
-                self._next_inverse_step[name] = self.steps
+                self._start_adaptive_layer(name)
+
+    def _start_adaptive_layer(self, name: str) -> None:
+        assert self._staleness is not None
+        self.staleness_states[name] = LayerStaleness(self._staleness, self._inv_update_freq, self._factor_update_freq)
+        self._next_factor_step[name] = self.steps
+        self._next_inverse_step[name] = self.steps
 
     # ---------------------------------------------------------------------------------------
     # registration and hooks
@@ -290,32 +344,61 @@ class KFACPreconditioner:
                 warnings.warn(f"skip_layers pattern {pattern!r} matched no supported layer", stacklevel=3)
         if not self._layers:
             warnings.warn(
-                f"{type(model).__name__} has no layer K-FAC can precondition (nn.Linear, nn.Conv2d); "
-                "gradients pass through unchanged",
+                f"{type(model).__name__} has no layer K-FAC can precondition (nn.Linear, nn.Conv1d/2d/3d, "
+                "nn.Embedding); gradients pass through unchanged",
                 stacklevel=3,
             )
 
-    def _recording_now(self, module: nn.Module, name: str) -> bool:
-        return self.recording and module.training and torch.is_grad_enabled() and name in self._due_factor_layers()
+    def _recording_now(self, module: nn.Module, state: _LayerState) -> bool:
+        return (
+            self.recording
+            and module.training
+            and torch.is_grad_enabled()
+            and state.layer.trains
+            and state.layer.name in self._due_factor_layers()
+        )
 
     def _due_factor_layers(self) -> frozenset[str]:
-        """Layers whose factors are updated at this step (the same set on every rank)."""
+        """Layers whose factors are updated at this step (the same set on every rank): those
+        the schedule picks, and trainable layers that have no factors yet (so a layer records
+        from the first step on which it trains)."""
         if self._due_cache is not None and self._due_cache[0] == self.steps:
             return self._due_cache[1]
         self._sync_intervals()
         if self._staleness is None:
-            due = frozenset(self._layers) if self.steps % self._factor_update_freq == 0 else frozenset()
+            scheduled = self.steps % self._factor_update_freq == 0
+            due = {n for n in self._layers if scheduled}
         else:
-            due = frozenset(n for n in self._layers if self.steps >= self._next_factor_step.get(n, 0))
-        self._due_cache = (self.steps, due)
-        return due
+            due = {n for n in self._layers if self.steps >= self._next_factor_step.get(n, 0)}
+        due.update(
+            n
+            for n, s in self._layers.items()
+            if not s.has_factors and s.layer.trains and n not in self._reported_silent
+        )
+        frozen = frozenset(due)
+        self._due_cache = (self.steps, frozen)
+        return frozen
 
     def _due_inverse_layers(self) -> list[str]:
-        if not self._has_factors:
-            return []
-        if self._staleness is None:
-            return list(self._layers) if self.steps % self._inv_update_freq == 0 else []
-        return [n for n in self._layers if self.steps >= self._next_inverse_step.get(n, 0)]
+        """Planned, training layers with factors whose decomposition is due: by the schedule,
+        because they were never decomposed, or because their bias froze or thawed since."""
+        due = []
+        scheduled_all = self._staleness is None and self.steps % self._inv_update_freq == 0
+        for name in self._planned():
+            state = self._layers[name]
+            if not state.has_factors or not state.layer.trains:
+                continue
+            scheduled = scheduled_all or (
+                self._staleness is not None and self.steps >= self._next_inverse_step.get(name, 0)
+            )
+            reshaped = state.inversions > 0 and state.layer.has_bias and state.decomposed_with_bias != state.layer.bias_trains
+            if scheduled or state.inversions == 0 or reshaped:
+                due.append(name)
+        return due
+
+    def _planned(self) -> list[str]:
+        """Layers in the work plan, in registration order."""
+        return [n for n in self._layers if n in self._plan.a_owner]
 
     def _make_forward_hook(self, state: _LayerState) -> Callable:
         # the model's hook table must not keep a discarded preconditioner alive
@@ -323,16 +406,16 @@ class KFACPreconditioner:
 
         def forward_hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             pre = owner()
-            if pre is None or not inputs or not isinstance(output, Tensor) or not pre._recording_now(module, state.layer.name):
+            if pre is None or not inputs or not isinstance(output, Tensor) or not pre._recording_now(module, state):
                 return
             x = inputs[0]
             if not isinstance(x, Tensor):
                 return
             layer = state.layer
-            if pre._plan is not None and pre._exchange is None:
+            if pre._plan.a_owner and pre._exchange is None:
                 pre._start_exchange()
-            with torch.no_grad(), _autocast_off(x):
-                a, rows = layer.a_statistics(x.detach(), pre.config.factor_dtype)
+            with torch.no_grad(), _autocast_off(x), curvature.intra_op_threads(pre.config.cpu_threads):
+                a, rows = layer.a_statistics(x.detach(), pre._accumulate_dtype)
                 state.a_sum = a if state.a_sum is None else state.a_sum.add_(a)
                 state.a_rows += rows
             if output.requires_grad:
@@ -342,15 +425,40 @@ class KFACPreconditioner:
         return forward_hook
 
     def _record_output_grad(self, state: _LayerState, batch: int, mask: Tensor | None, grad: Tensor) -> None:
-        with torch.no_grad(), _autocast_off(grad):
-            rows = state.layer.output_grad_rows(grad.detach()).to(self.config.factor_dtype)
+        self._enter_backward_pass()
+        with torch.no_grad(), _autocast_off(grad), curvature.intra_op_threads(self.config.cpu_threads):
+            rows = state.layer.output_grad_rows(grad.detach()).to(self._accumulate_dtype)
             if mask is not None:
                 rows = rows[mask]
             g = torch.mm(rows.T, rows).mul_(batch)
             state.g_sum = g if state.g_sum is None else state.g_sum.add_(g)
+            state.g_rows += rows.shape[0]
             state.g_calls += 1
+            if state.last_pass != self._backward_passes:
+                state.last_pass = self._backward_passes
+                state.g_passes += 1
         if self._exchange is not None:
             self._launch_ready_buckets()
+
+    def _enter_backward_pass(self) -> None:
+        """Counts backward passes: the first output-gradient hook of a pass starts one, and a
+        callback autograd runs when that pass finishes closes it (as DDP does)."""
+        if self._in_backward or not self._pass_tracking:
+            return
+        self._in_backward = True
+        self._backward_passes += 1
+        owner = weakref.ref(self)
+
+        def end_of_pass() -> None:
+            pre = owner()
+            if pre is not None:
+                pre._in_backward = False
+
+        try:
+            Variable._execution_engine.queue_callback(end_of_pass)
+        except RuntimeError:  # not inside an autograd pass: fall back to the accumulation count
+            self._in_backward = False
+            self._pass_tracking = False
 
     def remove(self) -> None:
         """Remove every hook; :meth:`step` then leaves gradients as they are."""
@@ -371,25 +479,48 @@ class KFACPreconditioner:
     # introspection
     @property
     def layers(self) -> dict[str, KFACLayer]:
-        return {name: state.layer for name, state in self._layers.items()}
+        """Registered layers, less those reported as never firing."""
+        return {name: s.layer for name, s in self._layers.items() if name not in self._reported_silent}
 
     @property
-    def plan(self) -> WorkPlan | None:
+    def plan(self) -> WorkPlan:
+        """Owners and gradient workers of the layers that have recorded (the same on every rank)."""
         return self._plan
 
+    @property
+    def has_factors(self) -> bool:
+        return any(s.has_factors for s in self._layers.values())
+
+    @property
+    def has_inverse(self) -> bool:
+        return any(s.inversions > 0 for s in self._layers.values())
+
+    def recorded_anything(self) -> bool:
+        """Whether the hooks hold statistics for the next step."""
+        return any(s.recorded or s.a_sum is not None or s.g_sum is not None for s in self._layers.values())
+
     def prospective_plan(self) -> WorkPlan:
-        """The work plan as it stands (before the first step: as if every registered layer's
-        hooks fire). Computed locally, no communication; for summaries."""
-        if self._plan is not None:
-            return self._plan
-        shapes = [LayerShape(name, s.layer.a_dim, s.layer.g_dim) for name, s in self._layers.items()]
-        return WorkPlan.build(
-            shapes,
-            self.world_size,
-            self._grad_workers,
-            self.config.assignment_cost,
-            self.config.split_factors,
-        )
+        """The work plan as it stands, with every registered layer that trains and is not yet in
+        it added as if its hooks fired. Computed locally, no communication; for summaries."""
+        waiting = [n for n, s in self._layers.items() if n not in self._plan.a_owner and s.layer.trains]
+        shapes = [self._layer_shape(n) for n in waiting if n not in self._reported_silent]
+        if not self._plan.a_owner:  # nothing planned yet: as the first step would plan
+            workers = self.config.grad_workers_per_layer(self.world_size)
+            cost, split = self.config.assignment_cost, self.config.split_factors
+            return WorkPlan.build(shapes, self.world_size, workers, cost, split)
+        return self._plan.extended(shapes) if shapes else self._plan
+
+    def frozen_layers(self) -> list[SkippedLayer]:
+        """Registered layers whose weight does not train now: plain gradient until it does."""
+        return [
+            SkippedLayer(n, s.layer.kind, "frozen (weight.requires_grad=False); preconditioned once it trains")
+            for n, s in self._layers.items()
+            if not s.layer.trains
+        ]
+
+    def _layer_shape(self, name: str) -> LayerShape:
+        layer = self._layers[name].layer
+        return LayerShape(name, layer.a_dim, layer.g_dim)
 
     def first_order_parameters(self) -> list[str]:
         """Names of the trainable parameters K-FAC leaves to their plain gradient (norms,
@@ -398,7 +529,7 @@ class KFACPreconditioner:
         model = self._model()
         if model is None:
             return []
-        covered = {id(p) for s in self._layers.values() for p in s.layer.parameters()}
+        covered = {id(p) for layer in self.layers.values() for p in layer.parameters()}
         return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
 
     def factors(self) -> dict[str, tuple[Tensor | None, Tensor | None]]:
@@ -413,7 +544,7 @@ class KFACPreconditioner:
         fully replicated scheme for comparison."""
         itemsize = self.config.factor_dtype.itemsize
         replicated = sum(
-            (math.prod(s.layer.a_shape) + s.layer.g_dim**2) * itemsize for s in self._layers.values()
+            (s.layer.a_layout.numel + s.layer.g_layout.numel) * itemsize for s in self._layers.values()
         )
         factors = decompositions = 0
         for state in self._layers.values():
@@ -435,24 +566,27 @@ class KFACPreconditioner:
             grad_scale: factor the output gradients were multiplied by (an AMP loss scale);
                 the G factors are divided by its square.
         """
+        self._in_backward = False
         if not self._layers or self._removed:
-            self.steps += 1
+            self._end_step()
             return
-        if self._plan is None and not self._build_plan():
-            self.steps += 1
-            return
-        assert self._plan is not None
+        with curvature.intra_op_threads(self.config.cpu_threads):
+            self._step(lr, grad_scale)
 
+    def _step(self, lr: float | None, grad_scale: float | Tensor | None) -> None:
+        self._check_wire_dtype(grad_scale)
+        self._start_comm()
         self._sync_intervals()
         start = self._clock()
-        if any(s.a_rows or s.g_calls for s in self._layers.values()):
-            self._update_factors(grad_scale)
-        factors_done = self._clock()
-        due = self._due_inverse_layers()
+        due = self._due_factor_layers()
         if due:
-            self._invert(due)
+            self._update_factors(due, grad_scale)
+        factors_done = self._clock()
+        inverting = self._due_inverse_layers()
+        if inverting:
+            self._invert(inverting)
         inverse_done = self._clock()
-        if self._has_inverse:
+        if any(self._layers[n].inversions > 0 for n in self._planned()):
             self._precondition(lr)
         end = self._clock()
 
@@ -465,142 +599,155 @@ class KFACPreconditioner:
             # since the previous step: buckets launched from this step's backward hooks count too
             total = self._comm.total_bytes()
             self.step_bytes, self._bytes_at_last_step = total - self._bytes_at_last_step, total
+        self._end_step()
+
+    def _end_step(self) -> None:
         self.steps += 1
+        self._due_cache = None
 
     def _clock(self) -> float:
         if self.sync_timings and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def _start_comm(self) -> None:
+        """Collective, on the first step: K-FAC's process groups."""
+        if self._comm is None and self.world_size > 1:
+            self._comm = Communicator(self._plan, self.rank, self.config.bucket_cap_bytes)
+
+    def _check_wire_dtype(self, grad_scale: float | Tensor | None) -> None:
+        if grad_scale is None or self.world_size == 1 or self._wire_dtype() != torch.float16:
+            return
+        raise ValueError(
+            "factors travel in float16 (comm_dtype, or factor_dtype=float16 with comm_dtype set to it), "
+            "which cannot carry the factors of loss-scaled gradients (a scale of 2**16 squared overflows "
+            "float16). Use comm_dtype='bfloat16' or leave comm_dtype=None (float32 on the wire)."
+        )
+
+    def _wire_dtype(self) -> torch.dtype:
+        return self.config.comm_dtype or self._accumulate_dtype
+
     def skip_step(self) -> None:
         """Count a step whose optimizer step will not happen (an AMP overflow): drop what the
         hooks recorded, finish any factor exchange already in flight so every rank's
         collectives stay matched, and touch no factor or decomposition."""
+        self._in_backward = False
         if self._exchange is not None:
-            self._reduce_to_owners()
+            self._launch_ready_buckets(flush=True)
+            self._wait_buckets(self._step_buckets or [])
+            self._exchange = self._step_buckets = None
         for state in self._layers.values():
             state.clear_batch()
-        self.steps += 1
+        self._end_step()
 
     def build_plan_from_state(self) -> bool:
-        """Collective. After :meth:`load_state_dict` before the first step: take the layers the
-        state holds factors for as the ones whose hooks fire, build the work plan and put the
-        state in force now, so that a resumed run preconditions from its first step even when
-        that step records no factors. Returns whether a plan was built."""
-        pending = self._pending_state
-        if self._plan is not None or pending is None or not pending.get("layers"):
-            return False
-        saved = set(pending["layers"])
-        for name, state in self._layers.items():
-            if name in saved:  # "fired": the saved run had factors for it
-                state.a_rows, state.g_calls = 1, 1
-        try:
-            built = self._build_plan()
-        finally:
-            for state in self._layers.values():
-                state.clear_batch()
-        # calls per micro-batch are learnt at the next factor update; until then every bucket
-        # goes at the step, as on a first step
-        self._expected_calls = {}
-        return built
+        """Kept for callers of earlier versions: :meth:`load_state_dict` now puts a state in
+        force at once. Returns whether the plan holds any layer."""
+        return bool(self._plan.a_owner)
 
     # --- plan ----------------------------------------------------------------------------------
-    def _build_plan(self) -> bool:
-        """On the first step that recorded anything: drop layers whose hooks never fired (on
-        any rank), then assign owners. Returns False when nothing was recorded yet."""
-        states = list(self._layers.values())
-        if not any(s.a_rows or s.g_calls for s in states):
-            return False
-        device = states[0].layer.weight.device
-        fired = torch.tensor([int(s.a_rows > 0 and s.g_calls > 0) for s in states], device=device)
-        fired = all_ranks_agree_min(fired).tolist()
-        silent = [s.layer.name for s, ok in zip(states, fired) if not ok]
-        for name in silent:
-            state = self._layers.pop(name)
-            for handle in state.handles:
-                handle.remove()
-            self.skipped.append(
-                SkippedLayer(name, state.layer.kind, "hooks never fired (used functionally?); plain gradient")
+    def _grow_plan(self, names: list[str], totals: dict[str, tuple[float, float]]) -> None:
+        """Adds layers that recorded for the first time (on some rank) to the work plan, the
+        same way on every rank."""
+        self._plan = self._plan.extended([self._layer_shape(n) for n in names])
+        if self._comm is not None:
+            self._comm.plan = self._plan
+        for name in names:
+            self._row_scale[name] = self._agreed_row_scale(totals[name])
+            if self._staleness is not None and name not in self.staleness_states:
+                self._start_adaptive_layer(name)
+            if name in self._reported_silent:
+                self._reported_silent.discard(name)
+                self.skipped = [s for s in self.skipped if s.name != name]
+        fresh = [n for n in names if self._loaded_layers is not None and n not in self._loaded_layers]
+        if fresh:
+            warnings.warn(
+                f"K-FAC: {', '.join(fresh)} not in the loaded K-FAC state (new, or frozen when it was saved); "
+                "its factors start afresh",
+                stacklevel=4,
             )
+            self._loaded_layers = (self._loaded_layers or set()) | set(fresh)
+
+    def _agreed_row_scale(self, totals: tuple[float, float]) -> tuple[float, float]:
+        """Rows per rank (from totals every rank has), the divisor that keeps wire values at the
+        factors' own magnitude."""
+        return tuple(max(1.0, t / self.world_size) for t in totals)  # type: ignore[return-value]
+
+    def _note_silent_layers(self, due: frozenset[str], totals: dict[str, tuple[float, float]]) -> None:
+        """A trainable layer that recorded nothing on any rank in several factor updates is
+        reported once: its module is probably used functionally (hooks never fire)."""
+        silent = []
+        for name, state in self._layers.items():
+            if name in self._plan.a_owner or name in self._reported_silent or name not in due or not state.layer.trains:
+                continue
+            state.silent_factor_steps += 1
+            if state.silent_factor_steps >= SILENT_AFTER_FACTOR_STEPS:
+                a_rows = totals.get(name, (0.0, 0.0))[0]
+                reason = (
+                    "its output never received a gradient (not part of the loss?)"
+                    if a_rows
+                    else "hooks never fired (used functionally?)"
+                )
+                self.skipped.append(SkippedLayer(name, state.layer.kind, f"{reason}; plain gradient until they fire"))
+                self._reported_silent.add(name)
+                silent.append(name)
         if silent:
             warnings.warn(
-                f"K-FAC: the hooks of {', '.join(silent)} never fired in the first step (the module is "
-                "probably used functionally, e.g. MultiheadAttention.out_proj); these layers keep "
-                "their plain gradient",
-                stacklevel=3,
+                f"K-FAC: the hooks of {', '.join(silent)} never fired in the first {SILENT_AFTER_FACTOR_STEPS} "
+                "factor updates on any rank (the module is probably used functionally, e.g. "
+                "MultiheadAttention.out_proj); they keep their plain gradient unless they fire later",
+                stacklevel=4,
             )
-        self._plan = self.prospective_plan()
-        if self.world_size > 1:
-            self._comm = Communicator(self._plan, self.rank, self.config.bucket_cap_bytes)
-            self._wire_sizes = self._wire_nbytes()
-        for name in silent:
-            self.staleness_states.pop(name, None)
-        self._due_cache = None  # computed by the hooks before the silent layers were dropped
-        if self._pending_state is not None:
-            pending, self._pending_state = self._pending_state, None
-            self._apply_state(pending)
-        return True
 
     # --- factors -------------------------------------------------------------------------------
-    # What travels per layer: the local mean A (its row count differs between layers and may
-    # differ between ranks) and the raw sum G; G's scale corrections (accumulation, AMP) and the
-    # mean over ranks are scalars applied by the owner after the reduction.
-    def _local_a(self, state: _LayerState) -> Tensor:
-        layer = state.layer
-        if state.a_sum is None or state.a_rows == 0:
-            return torch.zeros(layer.a_shape, dtype=self.config.factor_dtype, device=layer.weight.device)
-        return state.a_sum / state.a_rows
-
-    def _local_g(self, state: _LayerState) -> Tensor:
-        layer = state.layer
-        if state.g_sum is None:
-            return torch.zeros(layer.g_dim, layer.g_dim, dtype=self.config.factor_dtype, device=layer.weight.device)
-        return state.g_sum
-
-    def _wire_nbytes(self) -> dict[tuple[str, str], int]:
-        itemsize = (self.config.comm_dtype or self.config.factor_dtype).itemsize
-        sizes = {}
-        for name, state in self._layers.items():
-            for which, n in (("a", state.layer.a_dim), ("g", state.layer.g_dim)):
-                if which == "a" and state.layer.a_diagonal:
-                    values = n
-                else:
-                    values = n * (n + 1) // 2 if self.config.symmetric_comm else n * n
-                sizes[(name, which)] = values * itemsize
-        return sizes
-
-    def _g_correction(self, grad_scale: float | Tensor | None, device: torch.device) -> Tensor | float:
-        correction: Tensor | float = self.accumulation_steps / self.world_size
-        if grad_scale is not None:
-            scale = torch.as_tensor(grad_scale, dtype=self.config.factor_dtype, device=device)
-            correction = correction / (scale * scale)
-        return correction
+    # What travels per layer: the rows-weighted sums of A and of G (each rank's G is first made
+    # the mean over the backward passes that reached the layer), divided by the agreed rows per
+    # rank so the values keep the factors' magnitude; the row counts travel in one small
+    # all-reduce. The owner divides by the total rows: ranks and passes without rows add nothing.
+    def _g_pass_scale(self, state: _LayerState) -> float:
+        """k^2 / (passes that reached the layer), k the accumulation count: G of the mean over
+        the micro-batches the layer took part in (each loss was divided by k)."""
+        passes = state.g_passes if self._pass_tracking else self.accumulation_steps
+        return self.accumulation_steps**2 / max(1, passes)
 
     def _wire_tensor(self, name: str, which: str) -> Tensor:
         state = self._layers[name]
-        factor = self._local_a(state) if which == "a" else self._local_g(state)
-        return curvature.pack_symmetric(factor) if self.config.symmetric_comm and factor.dim() == 2 else factor
+        layer = state.layer
+        layout = layer.a_layout if which == "a" else layer.g_layout
+        scale_a, scale_g = self._row_scale[name]
+        if which == "a":
+            value = state.a_sum / scale_a if state.a_sum is not None else None
+        else:
+            weight = self._g_pass_scale(state) * state.g_rows / scale_g
+            value = state.g_sum * weight if state.g_sum is not None else None
+        if value is None:
+            value = torch.zeros(layout.shape, dtype=self._accumulate_dtype, device=layer.weight.device)
+        return layout.pack(value, self.config.symmetric_comm)
 
     def _layer_complete(self, name: str) -> bool:
-        """All of this step's calls of the layer have delivered their output gradient."""
-        expected = self._expected_calls.get(name) if self._expected_calls else None
+        """All of this step's calls of the layer have (as far as the past tells) delivered their
+        output gradient. A later call makes the bucket late: it is sent again at the step."""
+        expected = self._expected_calls.get(name)
         state = self._layers[name]
-        return expected is not None and state.a_rows > 0 and state.g_calls >= expected * self.accumulation_steps
+        return expected is not None and state.a_rows > 0 and state.g_calls >= expected
 
     def _plan_step_buckets(self) -> None:
-        assert self._plan is not None
         due = self._due_factor_layers()
-        self._step_buckets = plan_factor_buckets(
-            [n for n in reversed(self._layers) if n in due],  # backward runs roughly in reverse order
-            self._plan.a_owner,
-            self._plan.g_owner,
-            self._wire_sizes,
-            self.config.bucket_cap_bytes,
-        )
+        names = [n for n in reversed(self._planned()) if n in due]  # backward runs roughly in reverse order
+        self._step_buckets = self._buckets_for(names)
         self._exchange = 0  # index of the next bucket to launch
 
+    def _buckets_for(self, names: list[str]) -> list[FactorBucket]:
+        sizes = {}
+        itemsize = self._wire_dtype().itemsize
+        for name in names:
+            layer = self._layers[name].layer
+            for layout in (layer.a_layout, layer.g_layout):
+                sizes[(name, layout.key)] = layout.wire_numel(self.config.symmetric_comm) * itemsize
+        return plan_factor_buckets(names, self._plan.a_owner, self._plan.g_owner, sizes, self.config.bucket_cap_bytes)
+
     def _start_exchange(self) -> None:
-        """Called by the first recording forward hook of a step (after the plan exists); from
+        """Called by the first recording forward hook of a step (once layers are planned); from
         then on backward hooks launch buckets as their layers complete."""
         if self.config.overlap_factor_comm and self._comm is not None and self._exchange is None:
             self._plan_step_buckets()
@@ -608,7 +755,12 @@ class KFACPreconditioner:
     def _launch_bucket(self, bucket: FactorBucket) -> None:
         assert self._comm is not None
         tensors = [self._wire_tensor(name, which) for name, which in bucket.entries]
+        bucket.snapshot = {n: self._counts_of(n) for n in bucket.layers}
         bucket.pending = self._comm.reduce_to(bucket.owner, tensors, self.config.comm_dtype)
+
+    def _counts_of(self, name: str) -> tuple[int, int, int]:
+        state = self._layers[name]
+        return state.a_rows, state.g_rows, state.g_passes
 
     def _launch_ready_buckets(self, flush: bool = False) -> None:
         """Launch buckets strictly in their fixed order, as far as their layers are complete
@@ -621,81 +773,119 @@ class KFACPreconditioner:
             self._launch_bucket(bucket)
             self._exchange += 1
 
-    def _reduce_to_owners(self) -> dict[tuple[str, str], Tensor]:
-        """Sum of the ranks' local factors, for the factors this rank owns."""
-        if self._exchange is None:
-            self._plan_step_buckets()
-        self._launch_ready_buckets(flush=True)
-        assert self._step_buckets is not None
+    def _wait_buckets(self, buckets: list[FactorBucket]) -> dict[tuple[str, str], Tensor]:
+        """Waits for ``buckets``; the reduced wire values of the factors this rank owns."""
         reduced: dict[tuple[str, str], Tensor] = {}
-        for bucket in self._step_buckets:
+        for bucket in buckets:
             assert bucket.pending is not None
             values = bucket.pending.wait()
             bucket.pending = None
-            if bucket.owner != self.rank:
-                continue
-            for (name, which), value in zip(bucket.entries, values):
-                layer = self._layers[name].layer
-                n = layer.a_dim if which == "a" else layer.g_dim
-                value = value.to(self.config.factor_dtype)
-                packed = self.config.symmetric_comm and not (which == "a" and layer.a_diagonal)
-                reduced[(name, which)] = curvature.unpack_symmetric(value, n) if packed else value
-        self._exchange = None
-        self._step_buckets = None
+            if bucket.owner == self.rank:
+                reduced.update(zip(bucket.entries, values))
         return reduced
 
-    def _update_factors(self, grad_scale: float | Tensor | None) -> None:
-        plan = self._plan
-        assert plan is not None
-        if self._expected_calls is None or not self._expected_calls:
-            # calls per micro-batch, learnt on the first factor step: tells the backward hooks
-            # when a layer's factors are complete and its bucket may be launched
-            self._expected_calls = {
-                name: s.g_calls // self.accumulation_steps
-                for name, s in self._layers.items()
-                if s.g_calls and s.g_calls % self.accumulation_steps == 0
-            }
-        due = self._due_factor_layers()
-        # (layer, "a"/"g") -> (batch factor before its scalar scale, the scale); the tensors are
-        # scratch of this step (the hooks' sums or the reduced buckets), free to overwrite
-        scaled: dict[tuple[str, str], tuple[Tensor, float | Tensor]] = {}
+    def _exchange_factors(self, due: frozenset[str]) -> tuple[dict[tuple[str, str], Tensor], dict[str, tuple[float, float]]]:
+        """Collective. Every step bucket goes out (in order), then the row counts of every
+        registered layer and a late flag per bucket travel in one all-reduce; layers that
+        recorded for the first time join the plan and send, and late buckets are sent again
+        in full. Returns the summed wire values this rank owns and the total rows per layer."""
+        assert self._comm is not None
+        if self._exchange is None:
+            self._plan_step_buckets()
+        self._launch_ready_buckets(flush=True)
+        step_buckets = self._step_buckets or []
+        names = list(self._layers)
+        local = [float(c) for n in names for c in self._counts_of(n)[:2]]
+        local += [float(any(self._counts_of(n) != b.snapshot.get(n) for n in b.layers)) for b in step_buckets]
+        summed = self._comm.all_reduce_counts(local)
+        totals = {n: (summed[2 * i], summed[2 * i + 1]) for i, n in enumerate(names)}
+        late = [b for b, flag in zip(step_buckets, summed[2 * len(names) :]) if flag > 0]
+        reduced = self._wait_buckets(step_buckets)
+        new = [n for n in names if n in due and n not in self._plan.a_owner and min(totals[n]) > 0]
+        if new:
+            self._grow_plan(new, totals)
+        extra = late + self._buckets_for(list(reversed(new)))
+        for bucket in extra:
+            self._launch_bucket(bucket)
+        reduced.update(self._wait_buckets(extra))
+        self._exchange = self._step_buckets = None
+        return reduced, totals
+
+    def _update_factors(self, due: frozenset[str], grad_scale: float | Tensor | None) -> None:
+        for name, state in self._layers.items():
+            if state.g_calls:
+                self._expected_calls[name] = max(self._expected_calls.get(name, 0), state.g_calls)
         if self.world_size == 1:
-            for name in due:
-                state = self._layers[name]
-                if state.a_sum is None or state.a_rows == 0:
-                    scaled[(name, "a")] = (self._local_a(state), 1.0)
-                else:
-                    scaled[(name, "a")] = (state.a_sum, 1.0 / state.a_rows)
-                scaled[(name, "g")] = (self._local_g(state), 1.0)
+            totals = {n: (float(self._layers[n].a_rows), float(self._layers[n].g_rows)) for n in self._layers}
+            new = [n for n in self._layers if n in due and n not in self._plan.a_owner and min(totals[n]) > 0]
+            if new:
+                self._grow_plan(new, totals)
+            batches = self._local_batch_factors(due)
         else:
-            for key, total in self._reduce_to_owners().items():
-                scaled[key] = (total, 1.0 / self.world_size if key[1] == "a" else 1.0)
+            reduced, totals = self._exchange_factors(due)
+            batches = self._owner_batch_factors(reduced, totals)
         for state in self._layers.values():
             state.clear_batch()
-        if self._staleness is not None:
-            for name in due:
+        self._note_silent_layers(due, totals)
+        correction = _inverse_square(grad_scale)
+        for (name, which), (batch, scale) in batches.items():
+            if which == "g" and correction is not None:
+                scale = scale * correction
+            self._update_running(self._layers[name], which, batch, scale)
+        for name in self._planned():
+            if name not in due:
+                continue
+            state = self._layers[name]
+            rows_a, rows_g = totals[name]
+            state.a_updates += int(rows_a > 0)
+            state.g_updates += int(rows_g > 0)
+            if min(rows_a, rows_g) > 0:
+                self._row_scale[name] = self._agreed_row_scale((rows_a, rows_g))
+            if self._staleness is not None:
                 self._next_factor_step[name] = self.steps + self.staleness_states[name].factor_interval
 
-        for (name, which), (total, scale) in scaled.items():
-            if which == "g":
-                scale = self._g_correction(grad_scale, total.device)
-            self._update_running(self._layers[name], which, total, scale)
-        self._has_factors = True
+    def _local_batch_factors(self, due: frozenset[str]) -> dict:
+        """One process: (batch factor before its scalar scale, the scale) per factor with rows."""
+        batches: dict[tuple[str, str], tuple[Tensor, float]] = {}
+        for name in self._planned():
+            state = self._layers[name]
+            if name not in due:
+                continue
+            if state.a_sum is not None and state.a_rows:
+                batches[(name, "a")] = (state.a_sum, 1.0 / state.a_rows)
+            if state.g_sum is not None and state.g_rows:
+                batches[(name, "g")] = (state.g_sum, self._g_pass_scale(state))
+        return batches
+
+    def _owner_batch_factors(self, reduced: dict[tuple[str, str], Tensor], totals: dict[str, tuple[float, float]]) -> dict:
+        """The owner's batch factors from the reduced wire values: divided by the total rows."""
+        batches: dict[tuple[str, str], tuple[Tensor, float]] = {}
+        for (name, which), value in reduced.items():
+            layer = self._layers[name].layer
+            rows = totals[name][0 if which == "a" else 1]
+            if rows <= 0:
+                continue
+            layout = layer.a_layout if which == "a" else layer.g_layout
+            factor = layout.unpack(value.to(self._accumulate_dtype), self.config.symmetric_comm)
+            batches[(name, which)] = (factor, self._row_scale[name][0 if which == "a" else 1] / rows)
+        return batches
 
     def _update_running(self, state: _LayerState, which: str, batch: Tensor, scale: float | Tensor = 1.0) -> None:
-        """Running average of one factor, ``scale * batch`` (``batch`` is scratch, updated in
-        place). A non-finite batch factor (NaN/Inf activations or output gradients, an
-        overflowed AMP step or loss scale) is dropped: the running value stays."""
+        """Running average of one factor, ``scale * batch`` (``batch`` is scratch, scaled in
+        place in the accumulation dtype, then cast). A non-finite batch factor (NaN/Inf
+        activations or output gradients, an overflowed AMP step or loss scale) is dropped:
+        the running value stays."""
         attr = "running_a" if which == "a" else "running_g"
         running = getattr(state, attr)
         if isinstance(scale, Tensor) or scale != 1.0:
             batch.mul_(scale)
+        batch = batch.to(self.config.factor_dtype)
         finite = curvature.all_finite(batch)
         if running is None:
             if not bool(finite):  # one host check per factor, on its first update only
                 self._report_nonfinite(state.layer.name)
                 return
-            setattr(state, attr, batch.clone())
+            setattr(state, attr, batch.clone())  # not a view into a bucket's buffer
             return
         if self._tracks_deviation(state.layer.name):
             self._record_deviation(state.layer.name, which, batch, running, finite)
@@ -711,7 +901,7 @@ class KFACPreconditioner:
         return (
             self._staleness is not None
             and self._staleness.noise_corrected
-            and plan is not None
+            and name in plan.a_owner
             and plan.a_owner[name] == plan.g_owner[name] == self.rank
         )
 
@@ -749,49 +939,15 @@ class KFACPreconditioner:
     # --- inversion -----------------------------------------------------------------------------
     def _invert(self, names: list[str]) -> None:
         plan = self._plan
-        assert plan is not None
-        dtype = self.config.inverse_dtype
         eigen = self.config.inverse_method == "eigen"
         damping = self._damping
         self._collect_nonfinite_counts()
         inverting = set(names)
         if self._staleness is not None:
             self._observe_staleness(names)
-        for name, state in self._layers.items():
-            if name not in inverting:
-                continue
-            # a decomposition that fails even in float64 with jitter keeps the last good one; a
-            # layer that never had one gets NaNs, which precondition to its plain gradient
-            layer = state.layer
-            if eigen:
-                for which in ("a", "g"):
-                    owners = plan.a_owner if which == "a" else plan.g_owner
-                    if owners[name] != self.rank:
-                        continue
-                    factor = getattr(state, f"running_{which}")
-                    result = _safe_eigh(factor, dtype)
-                    if result is None:
-                        self.decomposition_failures += factor is not None
-                        previous = (getattr(state, f"q_{which}"), getattr(state, f"d_{which}"))
-                        diagonal = which == "a" and layer.a_diagonal
-                        n = layer.a_dim if which == "a" else layer.g_dim
-                        result = previous if previous[1] is not None else _nan_eigh(n, diagonal, dtype, layer.weight.device)
-                    setattr(state, f"q_{which}", result[0])
-                    setattr(state, f"d_{which}", result[1])
-            elif plan.a_owner[name] == self.rank:
-                inverses = _safe_cholesky_inverses(state.running_a, state.running_g, damping, dtype)
-                if inverses is None:
-                    self.decomposition_failures += state.running_a is not None and state.running_g is not None
-                    if state.a_inv is not None:
-                        continue
-                    device = layer.weight.device
-                    nan = float("nan")
-                    inverses = (
-                        torch.full(layer.a_shape, nan, dtype=dtype, device=device),
-                        torch.full((layer.g_dim, layer.g_dim), nan, dtype=dtype, device=device),
-                    )
-                state.a_inv, state.g_inv = inverses
-
+        self._decompose(names)
+        for name in names:  # every rank: receivers size the broadcast from these
+            self._layers[name].decomposed_with_bias = self._layers[name].layer.bias_trains
         if self._comm is not None and plan.grad_workers > 1:
             self._broadcast_decompositions(inverting)
 
@@ -800,16 +956,59 @@ class KFACPreconditioner:
             if eigen and plan.is_grad_worker(name, self.rank):
                 state.inv_denominator = curvature.eigen_inverse_denominator(state.d_g, state.d_a, damping)
             self._inverse_damping[name] = damping
-        self._has_inverse = True
+            state.inversions += 1
         self.inversions += 1
         self.layer_inversions += len(names)
+
+    def _decompose(self, names: list[str]) -> None:
+        """Owners decompose their factors (eigen: each factor; cholesky: both damped inverses)."""
+        plan = self._plan
+        dtype = self.config.inverse_dtype
+        eigen = self.config.inverse_method == "eigen"
+        for name in names:
+            state = self._layers[name]
+            layer = state.layer
+            reshaped = state.decomposed_with_bias is not None and state.decomposed_with_bias != layer.bias_trains
+            # a decomposition that fails even in float64 with jitter keeps the last good one; a
+            # layer that never had one (or whose bias froze or thawed) gets NaNs, which
+            # precondition to its plain gradient
+            if eigen:
+                for which in ("a", "g"):
+                    owners = plan.a_owner if which == "a" else plan.g_owner
+                    if owners[name] != self.rank:
+                        continue
+                    factor = getattr(state, f"running_{which}")
+                    if which == "a" and factor is not None:
+                        factor = layer.active_a(factor)
+                    result = _safe_eigh(factor, dtype)
+                    if result is None:
+                        self.decomposition_failures += factor is not None
+                        previous = (getattr(state, f"q_{which}"), getattr(state, f"d_{which}"))
+                        layout = layer.active_a_layout if which == "a" else layer.g_layout
+                        keep = previous[1] is not None and not reshaped
+                        result = previous if keep else _nan_eigh(layout.dim, layout.diagonal, dtype, layer.weight.device)
+                    setattr(state, f"q_{which}", result[0])
+                    setattr(state, f"d_{which}", result[1])
+            elif plan.a_owner[name] == self.rank:
+                a = layer.active_a(state.running_a) if state.running_a is not None else None
+                inverses = _safe_cholesky_inverses(a, state.running_g, self._damping, dtype)
+                if inverses is None:
+                    self.decomposition_failures += state.running_a is not None and state.running_g is not None
+                    if state.a_inv is not None and not reshaped:
+                        continue
+                    device = layer.weight.device
+                    nan = float("nan")
+                    inverses = (
+                        torch.full(layer.active_a_layout.shape, nan, dtype=dtype, device=device),
+                        torch.full(layer.g_layout.shape, nan, dtype=dtype, device=device),
+                    )
+                state.a_inv, state.g_inv = inverses
 
     # --- stale statistics ----------------------------------------------------------------------
     def _observe_staleness(self, names: list[str]) -> None:
         """Owners measure how far their layers' factors moved since the layer's previous
         inversion and pick the next intervals; every rank learns them from one small async
         all-reduce, awaited only at the next step (no blocking round trip per step)."""
-        assert self._plan is not None
         # row 0: the next interval, row 1: the hold count (probe_after); owners write, others 0
         intervals = torch.zeros(2, len(names), dtype=torch.int64)
         for i, name in enumerate(names):
@@ -894,9 +1093,8 @@ class KFACPreconditioner:
     def _decomposition_entries(self, name: str, src: int) -> list[tuple[str, tuple[int, ...], bool]]:
         """(attribute, wire shape, packed symmetric) of what ``src`` decomposed for ``name``."""
         plan = self._plan
-        assert plan is not None
         layer = self._layers[name].layer
-        n_a, n_g = layer.a_dim, layer.g_dim
+        n_a, n_g = layer.active_a_layout.dim, layer.g_dim
         entries: list[tuple[str, tuple[int, ...], bool]] = []
         if self.config.inverse_method == "eigen":
             if plan.a_owner[name] == src:
@@ -916,15 +1114,16 @@ class KFACPreconditioner:
     def _broadcast_decompositions(self, inverting: set[str]) -> None:
         """Each owner sends its decompositions to the other gradient workers of its block."""
         plan = self._plan
-        assert plan is not None and self._comm is not None
+        assert self._comm is not None
         dtype = self.config.inverse_dtype
         device = next(iter(self._layers.values())).layer.weight.device
         pending = []
         for src in plan.worker_blocks()[plan.block_of(self.rank)]:
             keys, tensors = [], []
-            for name, state in self._layers.items():
+            for name in self._planned():
                 if name not in inverting:
                     continue
+                state = self._layers[name]
                 for attr, shape, packed in self._decomposition_entries(name, src):
                     keys.append((name, attr, packed))
                     if src == self.rank:
@@ -941,24 +1140,39 @@ class KFACPreconditioner:
             for (name, attr, packed), value in zip(keys, values):
                 state = self._layers[name]
                 if packed:
-                    n = state.layer.a_dim if attr == "a_inv" else state.layer.g_dim
+                    n = state.layer.active_a_layout.dim if attr == "a_inv" else state.layer.g_dim
                     value = curvature.unpack_symmetric(value, n)
                 setattr(state, attr, value)
 
     # --- preconditioning -----------------------------------------------------------------------
+    def _ready(self) -> list[str]:
+        """Layers preconditioned at this step (the same on every rank): planned, training, and
+        decomposed for the parameters that train now."""
+        ready = []
+        for name in self._planned():
+            state = self._layers[name]
+            layer = state.layer
+            if state.inversions > 0 and layer.trains and (not layer.has_bias or state.decomposed_with_bias == layer.bias_trains):
+                ready.append(name)
+        return ready
+
     def _precondition(self, lr: float | None) -> None:
         plan = self._plan
-        assert plan is not None
         eigen = self.config.inverse_method == "eigen"
         dtype = self.config.inverse_dtype
-        grads: dict[str, Tensor | None] = {name: s.layer.grad_matrix() for name, s in self._layers.items()}
+        ready = self._ready()
+        if not ready:
+            return
+        grads: dict[str, Tensor | None] = {name: self._layers[name].layer.grad_matrix() for name in ready}
         preconditioned: dict[str, Tensor] = {}
-        for name, state in self._layers.items():
+        for name in ready:
             if not plan.is_grad_worker(name, self.rank):
                 continue
+            state = self._layers[name]
             grad = grads[name]
             if grad is None:
-                grad = torch.zeros(state.layer.g_dim, state.layer.a_dim, device=state.layer.weight.device)
+                layer = state.layer
+                grad = torch.zeros(layer.g_dim, layer.active_a_layout.dim, device=layer.weight.device)
             v = grad.to(dtype)
             if eigen:
                 out = curvature.eigen_precondition(v, state.q_a, state.q_g, state.inv_denominator)
@@ -973,13 +1187,13 @@ class KFACPreconditioner:
             preconditioned[name] = torch.where(torch.isfinite(_inner(out, grad)), out, grad, out=out)
 
         if self._comm is not None and plan.grad_workers < self.world_size:
-            self._receive_gradients(grads, preconditioned)
+            self._receive_gradients(ready, grads, preconditioned)
 
         scale: Tensor | None = None
         if self._kl_clip is not None:
             lr_value = self._resolve_lr(lr)
             vg_sum = torch.zeros((), dtype=torch.float64, device=next(iter(preconditioned.values())).device)
-            for name in self._layers:  # one fixed order on every rank: bitwise-equal sums
+            for name in ready:  # one fixed order on every rank: bitwise-equal sums
                 grad = grads[name]
                 if grad is not None:
                     vg_sum += _inner(preconditioned[name], grad)
@@ -991,13 +1205,13 @@ class KFACPreconditioner:
                 continue
             self._layers[name].layer.write_grad(out, None if scale is None else scale.to(out.dtype))
 
-    def _receive_gradients(self, grads: dict[str, Tensor | None], preconditioned: dict[str, Tensor]) -> None:
+    def _receive_gradients(self, ready: list[str], grads: dict[str, Tensor | None], preconditioned: dict[str, Tensor]) -> None:
         plan = self._plan
-        assert plan is not None and self._comm is not None
+        assert self._comm is not None
         position = self.rank % plan.grad_workers
         pending = []
         for src in range(position, self.world_size, plan.grad_workers):
-            names = [name for name in self._layers if plan.gradient_source(name, self.rank) == src]
+            names = [name for name in ready if plan.gradient_source(name, self.rank) == src]
             if not names:
                 continue
             if src == self.rank:
@@ -1008,7 +1222,8 @@ class KFACPreconditioner:
                     layer = self._layers[name].layer
                     grad = grads[name]
                     dtype = grad.dtype if grad is not None else layer.weight.dtype
-                    tensors.append(torch.empty(layer.g_dim, layer.a_dim, dtype=dtype, device=layer.weight.device))
+                    shape = (layer.g_dim, layer.active_a_layout.dim)
+                    tensors.append(torch.empty(shape, dtype=dtype, device=layer.weight.device))
             pending.append((src, names, self._comm.broadcast_in_receive_group(src, tensors)))
         for src, names, work in pending:
             values = work.wait()
@@ -1032,7 +1247,8 @@ class KFACPreconditioner:
 
         Collective when distributed: every rank must call it; each returns the full state.
         """
-        state: dict[str, Any] = {
+        planned = self._planned()
+        return {
             "version": STATE_VERSION,
             "steps": self.steps,
             "hyperparameters": {
@@ -1043,54 +1259,66 @@ class KFACPreconditioner:
                 "kl_clip": self._kl_clip,
             },
             "inverse_method": self.config.inverse_method,
-            "inverse_damping": dict(self._inverse_damping),
+            "inverse_damping": {n: d for n, d in self._inverse_damping.items() if n in self._plan.a_owner},
             "inversions": self.inversions,
             "layer_inversions": self.layer_inversions,
             "adaptive": self._adaptive_state(),
-            "has_factors": self._has_factors,
-            "has_inverse": self._has_inverse,
-            "layers": {},
+            "has_factors": self.has_factors,
+            "has_inverse": self.has_inverse,
+            "layers": self._gather_layer_state(planned),
+            "layer_meta": {
+                n: {
+                    "a_updates": s.a_updates,
+                    "g_updates": s.g_updates,
+                    "inversions": s.inversions,
+                    "decomposed_with_bias": s.decomposed_with_bias,
+                    "row_scale": list(self._row_scale.get(n, (1.0, 1.0))),
+                }
+                for n, s in ((n, self._layers[n]) for n in planned)
+            },
         }
-        if self._plan is None:
-            if self._pending_state is not None:
-                return self._pending_state
-            return state
-        gathered = self._gather_layer_state()
-        state["layers"] = gathered
-        return state
 
     def _layer_state_keys(self, state: _LayerState) -> list[str]:
         keys = []
-        if self._has_factors:
-            keys += ["running_a", "running_g"]
-        if self._has_inverse:
-            keys += ["q_a", "d_a", "q_g", "d_g"] if self.config.inverse_method == "eigen" else ["a_inv", "g_inv"]
+        if state.a_updates:
+            keys.append("running_a")
+        if state.g_updates:
+            keys.append("running_g")
+        if state.inversions:
+            keys += _DECOMPOSITION_KEYS[self.config.inverse_method]
         return [k for k in keys if not (k == "q_a" and state.layer.a_diagonal)]
 
     def _owner_of(self, name: str, key: str) -> int:
-        assert self._plan is not None
         if key in ("running_a", "q_a", "d_a", "a_inv", "g_inv"):
             return self._plan.a_owner[name]
         return self._plan.g_owner[name]
 
-    def _gather_layer_state(self) -> dict[str, dict[str, Tensor]]:
-        out: dict[str, dict[str, Tensor]] = {name: {} for name in self._layers}
+    def _gather_layer_state(self, planned: list[str]) -> dict[str, dict[str, Tensor]]:
+        out: dict[str, dict[str, Tensor]] = {name: {} for name in planned}
         if self._comm is None:
-            for name, state in self._layers.items():
+            for name in planned:
+                state = self._layers[name]
                 for key in self._layer_state_keys(state):
-                    out[name][key] = getattr(state, key).clone()
+                    value = getattr(state, key)
+                    if value is not None:
+                        out[name][key] = value.clone()
             return out
         device = next(iter(self._layers.values())).layer.weight.device
         pending = []
         for src in range(self.world_size):
             entries, tensors = [], []
-            for name, state in self._layers.items():
+            for name in planned:
+                state = self._layers[name]
                 for key in self._layer_state_keys(state):
                     if self._owner_of(name, key) != src:
                         continue
                     shape, dtype = self._state_shape(state, key)
                     entries.append((name, key))
-                    tensors.append(getattr(state, key) if src == self.rank else torch.empty(shape, dtype=dtype, device=device))
+                    if src != self.rank:
+                        tensors.append(torch.empty(shape, dtype=dtype, device=device))
+                    else:  # an owner whose first update was non-finite holds none: NaN, dropped at load
+                        value = getattr(state, key)
+                        tensors.append(value if value is not None else torch.full(shape, float("nan"), dtype=dtype, device=device))
             if tensors:
                 pending.append((entries, self._comm.broadcast_world(src, tensors)))
         for entries, work in pending:
@@ -1100,22 +1328,31 @@ class KFACPreconditioner:
 
     def _state_shape(self, state: _LayerState, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         layer = state.layer
-        is_a = key in ("running_a", "q_a", "d_a", "a_inv")
-        n = layer.a_dim if is_a else layer.g_dim
+        if key.startswith("running"):
+            layout = layer.a_layout if key == "running_a" else layer.g_layout
+            return layout.shape, self.config.factor_dtype
+        is_a = key in ("q_a", "d_a", "a_inv")
+        n = layer.g_dim
+        if is_a:
+            n = layer.a_dim - int(layer.has_bias and state.decomposed_with_bias is False)
         vector = key.startswith("d_") or (is_a and layer.a_diagonal)
-        shape = (n,) if vector else (n, n)
-        return shape, self.config.factor_dtype if key.startswith("running") else self.config.inverse_dtype
+        return ((n,) if vector else (n, n)), self.config.inverse_dtype
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`, also one saved with another world size. Before the first
-        step the state is kept and applied once the work plan exists."""
+        """Restore a :meth:`state_dict`, also one saved with another world size, and put it in
+        force at once (no communication). Layers the state holds join the work plan; layers it
+        lacks start their factors afresh when they first record (with one warning)."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"not a lightning_kfac state (version {STATE_VERSION}): keys {sorted(state)[:8]}")
+            keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a lightning_kfac state (version {STATE_VERSION}): keys {keys}")
         if state["inverse_method"] != self.config.inverse_method and state["has_inverse"]:
             raise ValueError(
                 f"the state was saved with inverse_method={state['inverse_method']!r}, this preconditioner "
                 f"uses {self.config.inverse_method!r}"
             )
+        layers = state["layers"]
+        meta = state.get("layer_meta") or {}
+        self._check_state_shapes(layers, meta)
         hyper = state["hyperparameters"]
         self.damping = hyper["damping"]
         self.factor_update_freq = hyper["factor_update_freq"]
@@ -1123,10 +1360,88 @@ class KFACPreconditioner:
         self.factor_decay = hyper["factor_decay"]
         self.kl_clip = hyper["kl_clip"]
         self.steps = int(state["steps"])
-        if self._plan is None:
-            self._pending_state = state
-            return
-        self._apply_state(state)
+        self._due_cache = None
+        unknown = sorted(set(layers) - set(self._layers))
+        if unknown:
+            warnings.warn(f"K-FAC state has layers this model does not precondition: {unknown}", stacklevel=2)
+        saved = [n for n in self._layers if n in layers]
+        joining = [n for n in saved if n not in self._plan.a_owner]
+        if joining:
+            self._plan = self._plan.extended([self._layer_shape(n) for n in joining])
+            if self._comm is not None:
+                self._comm.plan = self._plan
+        for name in self._planned():
+            if name not in layers:  # planned here, absent there: afresh
+                state_ = self._layers[name]
+                state_.running_a = state_.running_g = None
+                state_.a_updates = state_.g_updates = 0
+                state_.clear_decomposition()
+        damping = state["inverse_damping"]
+        # (a single float: states written before per-layer intervals existed)
+        self._inverse_damping = dict(damping) if isinstance(damping, dict) else {n: damping for n in saved}
+        self.inversions = int(state.get("inversions", 0))
+        self.layer_inversions = int(state.get("layer_inversions", 0))
+        self._loaded_layers = set(layers)
+        for name in saved:
+            self._apply_layer_state(name, layers[name], meta.get(name))
+        self._load_adaptive_state(state.get("adaptive"))
+
+    def _check_state_shapes(self, layers: dict[str, dict[str, Tensor]], meta: dict[str, Any]) -> None:
+        """Refuse a state whose factors do not fit this model's layers, naming what differs."""
+        for name, saved in layers.items():
+            if name not in self._layers:
+                continue
+            layer = self._layers[name].layer
+            for key, value in saved.items():
+                if key.startswith("running"):
+                    layout = layer.a_layout if key == "running_a" else layer.g_layout
+                    allowed = [layout.shape]
+                else:
+                    probe = _LayerState(layer)
+                    allowed = []
+                    for with_bias in (True, False) if layer.has_bias else (None,):
+                        probe.decomposed_with_bias = with_bias
+                        allowed.append(self._state_shape(probe, key)[0])
+                if tuple(value.shape) not in allowed:
+                    side = "A" if key.endswith("_a") or key == "a_inv" else "G"
+                    raise ValueError(
+                        f"K-FAC state does not fit this model: layer {name!r} factor {side} ({key}) has shape "
+                        f"{tuple(value.shape)} in the state, this model's {layer.kind} needs {allowed[0]}"
+                    )
+
+    def _apply_layer_state(self, name: str, saved: dict[str, Tensor], meta: dict[str, Any] | None) -> None:
+        state = self._layers[name]
+        layer = state.layer
+        device = layer.weight.device
+        has_decomposition = any(k in saved for k in _DECOMPOSITION_KEYS[self.config.inverse_method])
+        if meta is None:  # a state written before per-layer counters existed
+            with_bias = layer.has_bias if has_decomposition else None
+            meta = {
+                "a_updates": int("running_a" in saved),
+                "g_updates": int("running_g" in saved),
+                "inversions": int(has_decomposition),
+                "decomposed_with_bias": with_bias if layer.has_bias else None,
+            }
+        state.a_updates = int(meta["a_updates"])
+        state.g_updates = int(meta["g_updates"])
+        state.inversions = int(meta["inversions"])
+        state.decomposed_with_bias = meta["decomposed_with_bias"]
+        state.running_a = state.running_g = None
+        state.q_a = state.d_a = state.q_g = state.d_g = state.inv_denominator = state.a_inv = state.g_inv = None
+        self._row_scale[name] = tuple(float(v) for v in meta.get("row_scale", (1.0, 1.0)))  # type: ignore[assignment]
+        for key, value in saved.items():
+            keep = self._owner_of(name, key) == self.rank if key.startswith("running") else self._plan.is_grad_worker(name, self.rank)
+            if not keep:
+                continue
+            _, dtype = self._state_shape(state, key)
+            tensor = value.to(device=device, dtype=dtype).clone()
+            if key.startswith("running") and not bool(curvature.all_finite(tensor)):
+                continue  # its owner never had a finite update
+            setattr(state, key, tensor)
+        if state.inversions and self.config.inverse_method == "eigen" and self._plan.is_grad_worker(name, self.rank):
+            if state.d_a is not None and state.d_g is not None:
+                damping = self._inverse_damping.get(name, self._damping)
+                state.inv_denominator = curvature.eigen_inverse_denominator(state.d_g, state.d_a, damping)
 
     def _adaptive_state(self) -> dict[str, Any] | None:
         self._sync_intervals()
@@ -1157,42 +1472,6 @@ class KFACPreconditioner:
             self._next_inverse_step[name] = int(saved["next_inverse_step"])
         self._due_cache = None
 
-    def _apply_state(self, state: dict[str, Any]) -> None:
-        plan = self._plan
-        assert plan is not None
-        layers = state["layers"]
-        unknown = sorted(set(layers) - set(self._layers))
-        if unknown:
-            warnings.warn(f"K-FAC state has layers this model does not precondition: {unknown}", stacklevel=3)
-        missing = sorted(set(self._layers) - set(layers))
-        if missing and layers:
-            warnings.warn(f"K-FAC state lacks layers {missing}; they start from fresh factors", stacklevel=3)
-        self._has_factors = bool(state["has_factors"]) and not missing
-        self._has_inverse = bool(state["has_inverse"]) and not missing
-        damping = state["inverse_damping"]
-        # (a single float: states written before per-layer intervals existed)
-        self._inverse_damping = dict(damping) if isinstance(damping, dict) else {n: damping for n in self._layers}
-        self.inversions = int(state.get("inversions", 0))
-        self.layer_inversions = int(state.get("layer_inversions", 0))
-        self._load_adaptive_state(state.get("adaptive"))
-        for name, saved in layers.items():
-            if name not in self._layers:
-                continue
-            layer_state = self._layers[name]
-            device = layer_state.layer.weight.device
-            for key, value in saved.items():
-                if key.startswith("running"):
-                    keep = self._owner_of(name, key) == self.rank
-                else:
-                    keep = plan.is_grad_worker(name, self.rank)
-                if keep:
-                    _, dtype = self._state_shape(layer_state, key)
-                    setattr(layer_state, key, value.to(device=device, dtype=dtype).clone())
-            if self._has_inverse and self.config.inverse_method == "eigen" and plan.is_grad_worker(name, self.rank):
-                layer_state.inv_denominator = curvature.eigen_inverse_denominator(
-                    layer_state.d_g, layer_state.d_a, self._inverse_damping[name]
-                )
-
 
 # --- numerical fall-backs ---------------------------------------------------------------------
 def _safe_eigh(factor: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor] | None:
@@ -1208,7 +1487,8 @@ def _safe_eigh(factor: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None
     try:
         scale = factor.abs().max().double().clamp(min=1e-30)
         jittered = factor.double() / scale
-        jittered = jittered + 1e-10 * torch.eye(factor.shape[0], dtype=torch.float64, device=factor.device) if factor.dim() == 2 else jittered
+        if factor.dim() == 2:
+            jittered = jittered + 1e-10 * torch.eye(factor.shape[0], dtype=torch.float64, device=factor.device)
         q, d = curvature.eigen_decompose(jittered, torch.float64)
         if bool(torch.isfinite(d).all()):
             return (q.to(dtype) if q is not None else None), (d * scale).to(dtype)
@@ -1236,6 +1516,17 @@ def _safe_cholesky_inverses(a: Tensor | None, g: Tensor | None, damping: float, 
     return None
 
 
+def _inverse_square(grad_scale: float | Tensor | None) -> float | Tensor | None:
+    """1 / grad_scale^2 in float64 (float32 on devices without it): a loss scale of 2**16 squared
+    overflows float16, so the correction is never formed in the factor dtype."""
+    if grad_scale is None:
+        return None
+    if not isinstance(grad_scale, Tensor):
+        return 1.0 / (float(grad_scale) ** 2)
+    wide = torch.float32 if grad_scale.device.type == "mps" else torch.float64
+    return grad_scale.to(wide).square().reciprocal()
+
+
 def _make_output_grad_hook(
     owner: "weakref.ref[KFACPreconditioner]", state: _LayerState, batch: int, mask: Tensor | None
 ) -> Callable:
@@ -1260,4 +1551,3 @@ def _autocast_off(tensor: Tensor):
     if device_type in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return nullcontext()
-

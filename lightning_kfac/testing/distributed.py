@@ -1,4 +1,4 @@
-"""Run a function in N forked processes joined by a gloo process group, with a timeout.
+"""Run a function in N forked processes joined by a gloo process group, with a timeout (tests and benchmarks).
 
 No Lightning launcher is involved, so nothing re-executes the pytest session, and a hung
 collective fails the test after ``timeout`` seconds instead of hanging CI.
