@@ -86,7 +86,7 @@ class InversionCounter(pl.Callback):
         pre = getattr(trainer.strategy, "preconditioner", None)
         if pre is not None and getattr(pre, "_layers", None):
             try:
-                self.factor_layer_updates += len(pre._due_factor_layers())
+                self.factor_layer_updates += len(pre.due_factor_layers())
             except Exception:
                 pass
 

@@ -37,50 +37,22 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_kfac.engine import hyperparameters as rules
 from lightning_kfac.engine.preconditioner import KFACPreconditioner
 from lightning_kfac.engine.report import estimated_memory, fit_summary, format_bytes, layer_statistics
 from lightning_kfac.engine.staleness import StalenessConfig
-from lightning_kfac.engine.validation import (
-    check_decay,
-    check_positive_float,
-    check_positive_int,
-)
 from lightning_kfac.schedules import Schedule, as_schedule, schedule_from_state
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
     from torch.optim import Optimizer
 
-HYPERPARAMETERS = ("damping", "factor_update_freq", "inv_update_freq", "factor_decay", "kl_clip")
-INTEGER_HYPERPARAMETERS = ("factor_update_freq", "inv_update_freq")
+HYPERPARAMETERS = rules.NAMES
 STATE_VERSION = 2
 
 #: what a hyperparameter argument may be: a constant, a callable of the step, or a schedule
 FloatSpec = Union[float, Schedule, Callable[[int], float]]
 IntSpec = Union[int, Schedule, Callable[[int], float]]
-
-_CONSTANT_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "damping": check_positive_float,
-    "factor_update_freq": check_positive_int,
-    "inv_update_freq": check_positive_int,
-    "factor_decay": check_decay,
-    "kl_clip": check_positive_float,
-}
-
-
-def _coerce(name: str, raw: Any) -> Any:
-    """A scheduled value as the preconditioner takes it: frequencies rounded to ints >= 1,
-    floats checked against their range."""
-    if name in INTEGER_HYPERPARAMETERS:
-        if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
-            raise TypeError(f"{name} must be a number (it is rounded to an integer >= 1), got {raw!r} ({type(raw).__name__})")
-        value = float(raw)
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {raw!r}")
-        return max(1, int(math.floor(value + 0.5)))
-    if name == "factor_decay":
-        return check_decay(name, raw)
-    return check_positive_float(name, raw)
 
 
 class KFACCallback(Callback):
@@ -162,7 +134,6 @@ class KFACCallback(Callback):
         self.summary_text: str | None = None
         self._cache_key: tuple[int, float | None] | None = None
         self._cache_values: dict[str, Any] = {}
-        self._warned_adaptive = False
         self._bar_shown: dict[str, Any] | None = None
 
     # --- hyperparameters -------------------------------------------------------------------------
@@ -173,14 +144,14 @@ class KFACCallback(Callback):
                 raise TypeError(f"{name} must be a number, a callable of the step or a schedule, got None")
             return None
         if isinstance(spec, numbers.Real) and not isinstance(spec, bool):
-            _CONSTANT_CHECKS[name](name, spec)
+            rules.check(name, spec)
             return as_schedule(name, spec)
         schedule = as_schedule(name, spec)
         for value in schedule.extremes():
             try:
-                if name in INTEGER_HYPERPARAMETERS and value <= 0:
+                if rules.RULES[name].integer and value <= 0:
                     raise ValueError(f"{name} must stay > 0 (it is rounded to an integer >= 1), got {value!r}")
-                _coerce(name, value)
+                rules.coerce(name, value)
             except (TypeError, ValueError) as err:
                 raise type(err)(f"{name}={schedule!r} reaches a value outside the allowed range: {err}") from None
         return schedule
@@ -198,7 +169,7 @@ class KFACCallback(Callback):
                 continue
             raw = schedule(int(step), epoch)
             try:
-                values[name] = _coerce(name, raw)
+                values[name] = rules.coerce(name, raw)
             except (TypeError, ValueError) as err:
                 raise type(err)(f"{name} schedule {schedule!r} gave {raw!r} at step {step}: {err}") from None
         self._cache_key, self._cache_values = key, values
@@ -208,12 +179,11 @@ class KFACCallback(Callback):
         """Set the hyperparameters of ``step`` (and the adaptive policy) on the preconditioner."""
         for name, value in self.hyperparameters(step).items():
             setattr(preconditioner, name, value)
-        if hasattr(preconditioner, "staleness"):
-            if getattr(preconditioner, "staleness") != self.adaptive:
-                preconditioner.staleness = self.adaptive  # type: ignore[attr-defined]
-        elif self.adaptive is not None and not self._warned_adaptive:
-            self._warned_adaptive = True
-            rank_zero_warn("K-FAC: this engine has no adaptive (stale statistics) mode; using fixed intervals")
+        if not hasattr(preconditioner, "staleness"):  # an engine without the adaptive mode
+            if self.adaptive is not None:
+                rank_zero_warn("K-FAC: this engine has no adaptive (stale statistics) mode; using fixed intervals")
+        elif preconditioner.staleness != self.adaptive:
+            preconditioner.staleness = self.adaptive
 
     def bind_steps_per_epoch(self, steps_per_epoch: int | None) -> None:
         """Tell the epoch-based schedules how many optimizer steps an epoch has."""
@@ -250,8 +220,8 @@ class KFACCallback(Callback):
         preconditioner = self._preconditioner(trainer)
         if preconditioner is None:
             return
-        if self.exact_timings and hasattr(preconditioner, "sync_timings"):
-            preconditioner.sync_timings = True  # type: ignore[attr-defined]
+        if self.exact_timings:
+            preconditioner.sync_timings = True
         if self.summary:
             self.summary_text = fit_summary(preconditioner, self.hyperparameters(trainer.global_step), self.adaptive)
             rank_zero_info(self.summary_text)
@@ -274,8 +244,6 @@ class KFACCallback(Callback):
         if precondition is None:
             return
         preconditioner = self._preconditioner(trainer)
-        inversions_before = _inversion_count(preconditioner)
-        steps_before = preconditioner.steps if preconditioner is not None else 0
         start = 0.0
         if self.exact_timings:
             _synchronize(pl_module.device)
@@ -287,9 +255,9 @@ class KFACCallback(Callback):
             step_ms = (time.perf_counter() - start) * 1e3
         if preconditioner is None:
             return
-        if _inverted(preconditioner, steps_before, inversions_before):
-            self.last_inversion_step = int(trainer.global_step)
-            self.inversions += 1
+        # the engine counts; kept here too so that they outlive the fit (and its checkpoints)
+        self.inversions = preconditioner.inversions
+        self.last_inversion_step = preconditioner.last_inversion_step
         # Lightning's self.log costs a few hundred microseconds per key: log on the steps the
         # loggers write (and the last one, for callback_metrics), not on every step
         log_now = _should_log(trainer) or _is_last_step(trainer)
@@ -329,9 +297,7 @@ class KFACCallback(Callback):
         }
         if pre.kl_clip is not None:
             cpu["kfac/kl_clip"] = float(pre.kl_clip)
-        layer_inversions = getattr(pre, "layer_inversions", None)
-        if isinstance(layer_inversions, numbers.Integral):
-            cpu["kfac/layer_inversions"] = float(layer_inversions)
+        cpu["kfac/layer_inversions"] = float(pre.layer_inversions)
         for part in ("factors", "inverse", "precondition"):
             cpu[f"kfac/time_{part}_ms"] = float(pre.timings_ms.get(part, 0.0))
         if step_ms is not None:
@@ -450,20 +416,6 @@ def _is_last_step(trainer: "pl.Trainer") -> bool:
     except AttributeError:
         return False
     return ready >= batches
-
-
-def _inversion_count(pre: KFACPreconditioner | None) -> int | None:
-    count = getattr(pre, "inversions", None)
-    return int(count) if isinstance(count, numbers.Integral) else None
-
-
-def _inverted(pre: KFACPreconditioner, steps_before: int, count_before: int | None) -> bool:
-    """Did the step just taken run an inversion? The engine's counter when it has one; else
-    its fixed-interval rule."""
-    count = _inversion_count(pre)
-    if count is not None and count_before is not None:
-        return count > count_before
-    return pre.has_inverse and steps_before % pre.inv_update_freq == 0 and pre.steps == steps_before + 1
 
 
 __all__ = ["KFACCallback", "estimated_memory", "fit_summary", "format_bytes", "layer_statistics"]

@@ -36,6 +36,7 @@ import torch
 from pytorch_lightning.strategies import DDPStrategy
 from torch.optim import Optimizer
 
+from lightning_kfac.callback import KFACCallback
 from lightning_kfac.engine import KFACConfig, KFACPreconditioner
 
 if TYPE_CHECKING:
@@ -97,8 +98,7 @@ class _KFACStrategyBase:
     # --- namespace ---------------------------------------------------------------------------
     @classmethod
     def _callback_class(cls) -> type:
-        from lightning_kfac.callback import KFACCallback
-
+        """The KFACCallback of this strategy's Lightning namespace (added when none is given)."""
         return KFACCallback
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -106,8 +106,6 @@ class _KFACStrategyBase:
         super().connect(model)  # type: ignore[misc]
         trainer = getattr(model, "_trainer", None)
         if trainer is not None:
-            from lightning_kfac.callback import KFACCallback
-
             # the lightning.pytorch callback derives from this one
             if not any(isinstance(cb, KFACCallback) for cb in trainer.callbacks):
                 trainer.callbacks.append(self._callback_class()())
@@ -129,8 +127,6 @@ class _KFACStrategyBase:
         self.preconditioner.recording = False  # until the first training batch
         self._preconditioned = False
         self._backward_passes = 0
-        from lightning_kfac.callback import KFACCallback
-
         for callback in trainer.callbacks:
             if isinstance(callback, KFACCallback):  # either namespace's
                 callback.apply_to(self.preconditioner, step=trainer.global_step)
@@ -229,12 +225,18 @@ class _KFACStrategyBase:
             self._discard_step(pre)
             return
         scaler = self._scaler()
-        grad_scale: torch.Tensor | float | None = None
+        grad_scale: float | None = None
         if scaler is not None:
-            if _scaler_found_inf(scaler, optimizer):
+            if _unscales_in_step(optimizer):
+                raise RuntimeError(
+                    "kfac_ddp with precision='16-mixed' needs the gradients unscaled before the optimizer "
+                    "step; this optimizer unscales inside its step() (e.g. fused=True), which K-FAC cannot "
+                    "precondition. Use the optimizer with fused=False, or precision='bf16-mixed'."
+                )
+            if not _gradients_finite(optimizer):
                 self._discard_step(pre)  # the scaler skips this optimizer step
                 return
-            grad_scale = _scale_tensor(scaler)
+            grad_scale = float(scaler.get_scale())
         lr = float(optimizer.param_groups[0]["lr"])
         pre.step(lr=lr, grad_scale=grad_scale)
 
@@ -318,29 +320,21 @@ def _restore_state(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     pre.build_plan_from_state()
 
 
-def _scaler_found_inf(scaler: Any, optimizer: Optimizer) -> bool:
-    """Whether the grad scaler found inf/NaN in ``optimizer``'s gradients when it unscaled
-    them (and will therefore skip its step). Reads the scaler's per-optimizer record, the same
-    one ``scaler.step`` consults (one host read, which ``scaler.step`` makes anyway)."""
-    states = getattr(scaler, "_per_optimizer_states", None)
-    state = states.get(id(optimizer)) if isinstance(states, dict) else None
-    if state is None or getattr(state.get("stage"), "name", None) != "UNSCALED":
-        raise RuntimeError(
-            "kfac_ddp with precision='16-mixed' needs the gradients unscaled before the optimizer "
-            "step; this optimizer unscales inside its step() (e.g. fused=True), which K-FAC cannot "
-            "precondition. Use the optimizer with fused=False, or precision='bf16-mixed'."
-        )
-    found = state.get("found_inf_per_device", {})
-    return bool(sum(float(v.item()) for v in found.values()))
+def _unscales_in_step(optimizer: Optimizer) -> bool:
+    """Fused optimizers unscale inside ``step()`` (Lightning's MixedPrecision then leaves the
+    gradients scaled, the same rule it applies itself)."""
+    return bool(getattr(optimizer, "defaults", {}).get("fused"))
 
 
-def _scale_tensor(scaler: Any) -> torch.Tensor:
-    scale_async: Callable[[], torch.Tensor] | None = getattr(scaler, "_get_scale_async", None)
-    if scale_async is not None:
-        scale = scale_async()
-        if scale is not None:
-            return scale
-    return torch.tensor(float(scaler.get_scale()))
+def _gradients_finite(optimizer: Optimizer) -> bool:
+    """Whether every gradient of ``optimizer`` is finite after unscaling: the grad scaler skips
+    the step otherwise. Public API only (one pass over the gradients and one host read, under
+    16-mixed alone)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return True
+    flags = torch.stack([torch.isfinite(g).all() for g in grads])
+    return bool(flags.all())
 
 
 def register(strategy_registry: Any, strategy_class: type = KFACDDPStrategy) -> None:

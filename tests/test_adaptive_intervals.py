@@ -91,9 +91,9 @@ def test_the_measured_change_is_that_of_the_damped_factors(noise_corrected):
     pre.staleness = StalenessConfig(threshold=1e-6, min_interval=3, max_interval=3, noise_corrected=noise_corrected)
     last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     checked = []
-    original = pre._observe_staleness
+    original = pre.schedule.before_inversion
 
-    def observe_and_check(names):
+    def observe_and_check(names, *args):
         expected = {}
         for name in names:
             a, g = pre.factors()[name]
@@ -106,17 +106,17 @@ def test_the_measured_change_is_that_of_the_damped_factors(noise_corrected):
                 for which, new, old, damped in (("a", a, a_old, a_old + pi * root * eye_a), ("g", g, g_old, g_old + root / pi * eye_g)):
                     moved_sq = float(torch.linalg.matrix_norm(new.double() - old)) ** 2
                     if noise_corrected:
-                        total, finite, updates = pre._deviation[(name, which)]
+                        total, finite, updates = pre.schedule.deviation[(name, which)]
                         moved_sq = max(0.0, moved_sq - (1 - decay) * (1 - decay**updates) * float(total) / float(finite))
                     changes.append(math.sqrt(moved_sq) / float(torch.linalg.matrix_norm(damped)))
                 expected[name] = max(changes)
             last[name] = (a.clone(), g.clone())
-        original(names)
+        original(names, *args)
         for name, value in expected.items():
             assert pre.staleness_states[name].last_change == pytest.approx(value, rel=1e-5)
             checked.append(name)
 
-    pre._observe_staleness = observe_and_check
+    pre.schedule.before_inversion = observe_and_check
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 64, generator=generator), torch.randint(0, 10, (16,), generator=generator)) for _ in range(13)]
     _run(model, pre, batches)

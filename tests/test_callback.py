@@ -185,7 +185,7 @@ def test_layer_statistics_traces_condition_numbers_and_intervals():
         model.zero_grad()
         F.cross_entropy(model(torch.randn(16, 6)), torch.randint(0, 3, (16,))).backward()
         pre.step()
-    pre.staleness_states = {"net.0": LayerStaleness(StalenessConfig(), inverse_interval=10)}
+    pre.staleness_states["net.0"] = LayerStaleness(StalenessConfig(), inverse_interval=10)
     stats = layer_statistics(pre)
     for name, (a, g) in pre.factors().items():
         assert stats[name]["trace_A"] == pytest.approx(float(torch.trace(a)))

@@ -81,7 +81,7 @@ def _two_steps(rank, world_size, model, make_batch, **options):
         model.zero_grad()
         x, y = make_batch(step, rank)
         F.mse_loss(net(x), y).backward()
-        launched_in_backward.append(pre._exchange or 0)
+        launched_in_backward.append(pre.exchange.launched_buckets)
         pre.step()
     return pre, launched_in_backward
 

@@ -227,9 +227,9 @@ def test_bf16_mixed_keeps_factors_and_decompositions_in_float32_and_trains_like_
     class Dtypes(pl.Callback):
         def on_train_end(self, trainer, pl_module):
             pre = trainer.strategy.preconditioner
-            for name, state in pre._layers.items():
+            for name, block in pre.blocks.items():
                 for attr in ("running_a", "running_g", "q_a", "d_a", "q_g", "d_g", "inv_denominator"):
-                    value = getattr(state, attr)
+                    value = getattr(block, attr)
                     if value is not None:
                         dtypes[f"{name}.{attr}"] = value.dtype
 

@@ -121,7 +121,7 @@ def test_failed_decomposition_keeps_the_last_good_one(monkeypatch):
     pre = KFACPreconditioner(model, lr=0.1, inv_update_freq=1, kl_clip=None)
     x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
     _step(model, pre, x, y)
-    good = {name: state.q_a.clone() for name, state in pre._layers.items()}
+    good = {name: block.q_a.clone() for name, block in pre.blocks.items()}
 
     def broken_eigh(*args, **kwargs):
         raise torch.linalg.LinAlgError("injected failure")
@@ -129,8 +129,8 @@ def test_failed_decomposition_keeps_the_last_good_one(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", broken_eigh)
     _step(model, pre, x, y)
     assert pre.decomposition_failures == 2 * len(good)  # A and G of every layer, after a float64 retry
-    for name, state in pre._layers.items():
-        assert torch.equal(state.q_a, good[name])
+    for name, block in pre.blocks.items():
+        assert torch.equal(block.q_a, good[name])
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 

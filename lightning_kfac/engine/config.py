@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lightning_kfac.engine.blocks import CholeskyBlock, CurvatureBlock, EigenBlock
 from lightning_kfac.engine.validation import (
     check_choice,
     check_float_dtype,
@@ -21,7 +22,9 @@ from lightning_kfac.engine.validation import (
     check_positive_int,
 )
 
-INVERSE_METHODS = ("eigen", "cholesky")
+#: the curvature block of each inverse method: the one place a method's name selects code
+BLOCK_CLASSES: dict[str, type[CurvatureBlock]] = {"eigen": EigenBlock, "cholesky": CholeskyBlock}
+INVERSE_METHODS = tuple(BLOCK_CLASSES)
 ASSIGNMENT_COSTS = ("compute", "memory")
 
 
@@ -85,6 +88,11 @@ class KFACConfig:
         set_(self, "assignment_cost", check_choice("assignment_cost", self.assignment_cost, ASSIGNMENT_COSTS))
         if not isinstance(self.split_factors, bool):
             raise TypeError(f"split_factors must be a bool, got {self.split_factors!r}")
+        if self.split_factors and not self.block_class.sides_apart:
+            raise ValueError(
+                f"split_factors=True is only available with inverse_method='eigen' (inverse_method="
+                f"{self.inverse_method!r} needs A and G on one rank: its damping uses both)"
+            )
         if self.split_factors and self.grad_worker_fraction != 1.0:
             raise ValueError(
                 "split_factors=True needs grad_worker_fraction=1 (every rank preconditions, so "
@@ -98,6 +106,11 @@ class KFACConfig:
         for flag in ("symmetric_comm", "overlap_factor_comm"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+
+    @property
+    def block_class(self) -> type[CurvatureBlock]:
+        """The curvature block that implements :attr:`inverse_method`."""
+        return BLOCK_CLASSES[self.inverse_method]
 
     @property
     def bucket_cap_bytes(self) -> int:

@@ -14,6 +14,10 @@ positions: Kronecker-factored "expand" (Grosse & Martens 2016, KFC) scaling.
 
 from __future__ import annotations
 
+import re
+import warnings
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -307,3 +311,48 @@ def make_layer(name: str, module: nn.Module) -> tuple[KFACLayer | None, str | No
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return None, f"{type(module).__name__} is not supported"
     return None, None
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A module K-FAC leaves to its plain gradient, and why."""
+
+    name: str
+    kind: str
+    reason: str
+
+
+def register_layers(model: nn.Module, skip_layers: tuple[str, ...]) -> tuple[dict[str, KFACLayer], list[SkippedLayer]]:
+    """The supported layers of ``model`` by qualified name (each module once, frozen or not),
+    and the modules left out with the reason: ``skip_layers`` patterns (``re.fullmatch`` on the
+    name or the class name) or an unsupported configuration. Warns about patterns that match
+    nothing and about a model with no supported layer."""
+    patterns = [re.compile(p) for p in skip_layers]
+    matched = [False] * len(patterns)
+    layers: dict[str, KFACLayer] = {}
+    skipped: list[SkippedLayer] = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        layer, reason = make_layer(name, module)
+        if layer is None and reason is None:
+            continue
+        hits = [i for i, p in enumerate(patterns) if p.fullmatch(name) or p.fullmatch(type(module).__name__)]
+        for i in hits:
+            matched[i] = True
+        if hits or layer is None:
+            skipped.append(SkippedLayer(name, type(module).__name__, "matched skip_layers" if hits else reason or ""))
+            continue
+        layers[name] = layer
+    for pattern, hit in zip(skip_layers, matched):
+        if not hit:
+            warnings.warn(f"skip_layers pattern {pattern!r} matched no supported layer", stacklevel=4)
+    if not layers:
+        warnings.warn(
+            f"{type(model).__name__} has no layer K-FAC can precondition (nn.Linear, nn.Conv1d/2d/3d, "
+            "nn.Embedding); gradients pass through unchanged",
+            stacklevel=4,
+        )
+    return layers, skipped

@@ -13,20 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_kfac.engine.factors import FactorLayout
-
 if TYPE_CHECKING:
     from lightning_kfac.distributed.assignment import WorkPlan
     from lightning_kfac.engine.preconditioner import KFACPreconditioner
     from lightning_kfac.engine.staleness import StalenessConfig
-
-
-def decomposition_numel(a: FactorLayout, g: FactorLayout, method: str) -> int:
-    """Values a gradient worker keeps for one layer: eigenbases and eigenvalues of both factors
-    and the precomputed denominator (eigen), or both damped inverses (cholesky)."""
-    if method == "eigen":
-        return a.eigen_numel() + g.eigen_numel() + g.dim * a.dim
-    return a.inverse_numel() + g.inverse_numel()
 
 
 def estimated_memory(pre: KFACPreconditioner, plan: WorkPlan) -> list[dict[str, int]]:
@@ -44,7 +34,7 @@ def estimated_memory(pre: KFACPreconditioner, plan: WorkPlan) -> list[dict[str, 
             accumulators += (a.numel + g.numel) * f_size
             factors += a.numel * f_size * (plan.a_owner[name] == rank) + g.numel * f_size * (plan.g_owner[name] == rank)
             if plan.is_grad_worker(name, rank):
-                decompositions += decomposition_numel(layer.active_a_layout, g, pre.config.inverse_method) * i_size
+                decompositions += pre.config.block_class.decomposition_numel(layer.active_a_layout, g) * i_size
         out.append(
             {
                 "factors": factors,
@@ -104,8 +94,7 @@ def layer_statistics(pre: KFACPreconditioner) -> dict[str, dict[str, float]]:
         if tracker is not None:
             table[i, 6] = float(tracker.inverse_interval)
             table[i, 7] = float(tracker.factor_interval)
-    if pre.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(table, op=torch.distributed.ReduceOp.MAX)
+    table = pre.exchange.max_all_reduce(table)  # on K-FAC's own group; nothing on one process
     decompositions = pre.decompositions()
     out: dict[str, dict[str, float]] = {}
     for name, row in zip(names, table.cpu().tolist()):

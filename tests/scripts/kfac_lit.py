@@ -184,7 +184,7 @@ class KFACCollectiveCounter:
 
 def recorded_now(pre: Any) -> bool:
     """Whether the preconditioner holds anything recorded for the next step."""
-    return any(s.a_rows or s.g_calls or s.a_sum is not None or s.g_sum is not None for s in pre._layers.values())
+    return pre.recorded_anything()
 
 
 def running_factors(pre: Any) -> dict[str, torch.Tensor]:

@@ -1,0 +1,95 @@
+"""The checkpoint schema of :meth:`KFACPreconditioner.state_dict`, its version, and the migration
+of older states. Tensors and Python scalars only (checkpoints load with ``weights_only=True``).
+
+Version 2::
+
+    version            2
+    steps              optimizer steps taken
+    hyperparameters    {damping, factor_update_freq, inv_update_freq, factor_decay, kl_clip}
+    inverse_method     "eigen" | "cholesky"
+    inversions         steps that inverted at least one layer; layer_inversions: their total
+    adaptive           per-layer interval trackers (stale statistics) or None
+    has_factors        any layer has factors; has_inverse: any layer is decomposed
+    inverse_damping    {layer: damping of its decomposition in force}
+    layers             {layer: {running_a, running_g, <decomposition keys>}}: every owner's
+                       tensors, gathered from all ranks
+    layer_meta         {layer: {a_updates, g_updates, inversions, decomposed_with_bias,
+                       row_scale}}
+
+Version 1 (before release 0.2) had no ``layer_meta`` (the counters are inferred from which
+tensors a layer has) and could hold ``inverse_damping`` as one number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from lightning_kfac.engine.blocks.base import CurvatureBlock
+
+STATE_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+
+
+def check_version(state: Any) -> None:
+    if not isinstance(state, dict) or state.get("version") not in SUPPORTED_VERSIONS:
+        keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        version = state.get("version") if isinstance(state, dict) else None
+        raise ValueError(
+            f"not a lightning_kfac state (versions {SUPPORTED_VERSIONS} are read; got version {version!r}, keys {keys})"
+        )
+
+
+def migrate(state: dict[str, Any], blocks: dict[str, CurvatureBlock]) -> dict[str, Any]:
+    """``state`` in the current version (a new dict; the argument is not changed)."""
+    check_version(state)
+    if state["version"] == STATE_VERSION:
+        return state
+    migrated = dict(state, version=STATE_VERSION)
+    damping = state.get("inverse_damping", {})
+    if not isinstance(damping, dict):  # one number for every layer
+        damping = {name: damping for name in state["layers"]}
+    migrated["inverse_damping"] = damping
+    meta = dict(state.get("layer_meta") or {})
+    for name, saved in state["layers"].items():
+        if name not in meta and name in blocks:
+            meta[name] = _inferred_meta(saved, blocks[name])
+    migrated["layer_meta"] = meta
+    return migrated
+
+
+def _inferred_meta(saved: dict[str, Tensor], block: CurvatureBlock) -> dict[str, Any]:
+    """Counters of a layer saved before they were recorded: from the tensors it has (the code
+    of that time always decomposed A with its bias column)."""
+    decomposed = any(key in saved for key in block.decomposition_keys)
+    return {
+        "a_updates": int("running_a" in saved),
+        "g_updates": int("running_g" in saved),
+        "inversions": int(decomposed),
+        "decomposed_with_bias": (True if decomposed else None) if block.layer.has_bias else None,
+    }
+
+
+def check_shapes(layers: dict[str, dict[str, Tensor]], blocks: dict[str, CurvatureBlock]) -> None:
+    """Refuse a state whose tensors do not fit this model's layers, naming what differs."""
+    for name, saved in layers.items():
+        block = blocks.get(name)
+        if block is None:
+            continue
+        for key, value in saved.items():
+            allowed = block.allowed_shapes(key)
+            if tuple(value.shape) not in allowed:
+                side = "A" if key.endswith("_a") or key == "a_inv" else "G"
+                raise ValueError(
+                    f"K-FAC state does not fit this model: layer {name!r} factor {side} ({key}) has shape "
+                    f"{tuple(value.shape)} in the state, this model's {block.layer.kind} needs {allowed[0]}"
+                )
+
+
+def check_method(state: dict[str, Any], inverse_method: str) -> None:
+    if state["inverse_method"] != inverse_method and state["has_inverse"]:
+        raise ValueError(
+            f"the state was saved with inverse_method={state['inverse_method']!r}, this preconditioner "
+            f"uses {inverse_method!r}"
+        )
