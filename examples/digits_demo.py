@@ -15,8 +15,9 @@ import pytorch_lightning as pl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import lightning_kfac  # noqa: E402,F401  registers "kfac_ddp"
-from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+from digits import DigitsClassifier, DigitsDataModule
+
+import lightning_kfac
 
 
 def train(strategy: str, devices: int, epochs: int, seed: int) -> float:

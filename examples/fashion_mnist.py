@@ -33,7 +33,14 @@ FILES = {
 # pixel statistics of the 60k training images (after scaling to [0, 1])
 MEAN, STD = 0.2860, 0.3530
 # IDX type codes (the third byte of the magic number) -> torch dtype; the data is big-endian
-_IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32, 0x0E: torch.float64}
+_IDX_DTYPES = {
+    0x08: torch.uint8,
+    0x09: torch.int8,
+    0x0B: torch.int16,
+    0x0C: torch.int32,
+    0x0D: torch.float32,
+    0x0E: torch.float64,
+}
 
 
 def find_idx_file(data_dir: str, name: str) -> str:
@@ -88,7 +95,9 @@ def load_split(data_dir: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     images = read_idx(find_idx_file(data_dir, FILES[f"{split}_images"]))
     labels = read_idx(find_idx_file(data_dir, FILES[f"{split}_labels"]))
     if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
-        raise ValueError(f"{data_dir}: {split} images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match")
+        raise ValueError(
+            f"{data_dir}: {split} images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match"
+        )
     x = (images.float().div_(255.0).sub_(MEAN).div_(STD)).unsqueeze(1)
     return x, labels.long()
 
@@ -133,8 +142,14 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         self.test_set = TensorDataset(*load_split(self.data_dir, "test"))
 
     def _loader(self, dataset: TensorDataset, batch_size: int, train: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, train=True)
@@ -151,12 +166,21 @@ def build_network(arch: str) -> nn.Module:
     5x5 32 -> max-pool 2 -> linear 800-128 -> linear 128-10 (two conv layers, two linear layers,
     ReLU; a LeNet-5-sized network, so K-FAC's largest factor is 801 x 801)."""
     if arch == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
     if arch == "cnn":
         return nn.Sequential(
-            nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),    # 16 x 14 x 14
-            nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),              # 32 x 5 x 5
-            nn.Flatten(), nn.Linear(32 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, 10),
+            nn.Conv2d(1, 16, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 16 x 14 x 14
+            nn.Conv2d(16, 32, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 32 x 5 x 5
+            nn.Flatten(),
+            nn.Linear(32 * 5 * 5, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
         )
     raise ValueError(f"arch must be 'mlp' or 'cnn', got {arch!r}")
 
@@ -173,7 +197,14 @@ class FashionClassifier(pl.LightningModule):
 
     eval_stages: tuple[str, ...] = ("val", "test")
 
-    def __init__(self, arch: str = "mlp", optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        arch: str = "mlp",
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")

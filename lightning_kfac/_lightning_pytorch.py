@@ -37,8 +37,7 @@ KFACCallback = type(
 
 class KFACDDPStrategy(_KFACStrategyBase, _DDPStrategy):
     __doc__ = (
-        "``lightning.pytorch`` version of :class:`lightning_kfac.KFACDDPStrategy` (same arguments, "
-        "same behaviour).\n"
+        "``lightning.pytorch`` version of :class:`lightning_kfac.KFACDDPStrategy` (same arguments, same behaviour).\n"
     )
 
     @classmethod

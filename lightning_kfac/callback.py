@@ -30,8 +30,9 @@ from __future__ import annotations
 import math
 import numbers
 import time
+from collections.abc import Callable
 from dataclasses import asdict, fields
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from pytorch_lightning.callbacks import Callback
@@ -194,10 +195,10 @@ class KFACCallback(Callback):
         self._cache_key = None
 
     @staticmethod
-    def _preconditioner(trainer: "pl.Trainer") -> KFACPreconditioner | None:
+    def _preconditioner(trainer: pl.Trainer) -> KFACPreconditioner | None:
         return getattr(trainer.strategy, "preconditioner", None)
 
-    def _bind_from_trainer(self, trainer: "pl.Trainer") -> None:
+    def _bind_from_trainer(self, trainer: pl.Trainer) -> None:
         self.current_epoch = int(trainer.current_epoch)
         batches = getattr(trainer, "num_training_batches", None)
         steps = None
@@ -208,7 +209,7 @@ class KFACCallback(Callback):
         self._cache_key = None
 
     # --- hooks -----------------------------------------------------------------------------------
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and getattr(trainer.strategy, "precondition", None) is None:
             raise ValueError(
                 f"KFACCallback needs the K-FAC strategy, but the Trainer's strategy is "
@@ -216,7 +217,7 @@ class KFACCallback(Callback):
                 "lightning_kfac.KFACDDPStrategy(...)), or remove the KFACCallback to train without K-FAC"
             )
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         preconditioner = self._preconditioner(trainer)
         if preconditioner is None:
             return
@@ -226,20 +227,24 @@ class KFACCallback(Callback):
             self.summary_text = fit_summary(preconditioner, self.hyperparameters(trainer.global_step), self.adaptive)
             rank_zero_info(self.summary_text)
 
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bind_from_trainer(trainer)
 
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bind_from_trainer(trainer)
         self._bar_shown = None  # Lightning resets logged values between epochs: show them again
 
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # before the forward pass: the hooks decide from factor_update_freq whether to record
         preconditioner = self._preconditioner(trainer)
         if preconditioner is not None:
             self.apply_to(preconditioner, trainer.global_step)
 
-    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: "Optimizer") -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
         precondition = getattr(trainer.strategy, "precondition", None)
         if precondition is None:
             return
@@ -269,7 +274,7 @@ class KFACCallback(Callback):
             self._log_diagnostics(pl_module, preconditioner)
 
     # --- logging ---------------------------------------------------------------------------------
-    def _log_progress_bar(self, pl_module: "pl.LightningModule", pre: KFACPreconditioner) -> None:
+    def _log_progress_bar(self, pl_module: pl.LightningModule, pre: KFACPreconditioner) -> None:
         # only when a value changed (Lightning keeps showing the last one): the damping when its
         # schedule moves, the inversion step once per inversion
         bar = {"kfac_damp": float(pre.damping)}
@@ -282,9 +287,11 @@ class KFACCallback(Callback):
             "kfac_damp": torch.tensor(bar["kfac_damp"], dtype=torch.float64),
             **({"kfac_inv": torch.tensor(float(bar["kfac_inv"]))} if "kfac_inv" in bar else {}),
         }
-        pl_module.log_dict(values, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
+        pl_module.log_dict(
+            values, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1
+        )
 
-    def _log_step(self, pl_module: "pl.LightningModule", pre: KFACPreconditioner, step_ms: float | None) -> None:
+    def _log_step(self, pl_module: pl.LightningModule, pre: KFACPreconditioner, step_ms: float | None) -> None:
         # host values go in as CPU tensors: Lightning keeps them on the CPU (no device copy or
         # sync per step); the only device tensor is the KL scale, read when the logger writes
         cpu = {
@@ -307,7 +314,7 @@ class KFACCallback(Callback):
             metrics["kfac/kl_clip_scale"] = pre.last_kl_scale.detach()
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
 
-    def _log_diagnostics(self, pl_module: "pl.LightningModule", pre: KFACPreconditioner) -> None:
+    def _log_diagnostics(self, pl_module: pl.LightningModule, pre: KFACPreconditioner) -> None:
         stats = layer_statistics(pre)
         metrics: dict[str, torch.Tensor] = {}
         for name, values in stats.items():
@@ -347,16 +354,22 @@ class KFACCallback(Callback):
             else:
                 restored = schedule_from_state(saved)
                 if restored is None:
-                    rank_zero_warn(f"K-FAC: unknown schedule class {saved.get('class')!r} for {name} in the checkpoint; keeping {current!r}")
+                    rank_zero_warn(
+                        f"K-FAC: unknown schedule class {saved.get('class')!r} for {name} in the checkpoint; keeping {current!r}"
+                    )
                     continue
             if restored != current:
-                rank_zero_info(f"K-FAC: {name} restored from the checkpoint: {restored!r} (this callback had {current!r})")
+                rank_zero_info(
+                    f"K-FAC: {name} restored from the checkpoint: {restored!r} (this callback had {current!r})"
+                )
             self.schedules[name] = restored
         if "adaptive" in state_dict:
             saved_adaptive = state_dict["adaptive"]
             restored_adaptive = _adaptive_from_state(saved_adaptive) if saved_adaptive is not None else None
             if restored_adaptive != self.adaptive:
-                rank_zero_info(f"K-FAC: adaptive policy restored from the checkpoint: {restored_adaptive!r} (this callback had {self.adaptive!r})")
+                rank_zero_info(
+                    f"K-FAC: adaptive policy restored from the checkpoint: {restored_adaptive!r} (this callback had {self.adaptive!r})"
+                )
             self.adaptive = restored_adaptive
         if state_dict.get("steps_per_epoch") is not None:
             self.bind_steps_per_epoch(int(state_dict["steps_per_epoch"]))
@@ -392,7 +405,7 @@ def _synchronize(device: torch.device) -> None:
         sync()
 
 
-def _should_log(trainer: "pl.Trainer") -> bool:
+def _should_log(trainer: pl.Trainer) -> bool:
     connector = getattr(trainer, "_logger_connector", None)
     try:
         return bool(connector.should_update_logs)  # type: ignore[union-attr]
@@ -401,7 +414,7 @@ def _should_log(trainer: "pl.Trainer") -> bool:
         return n > 0 and (trainer.global_step + 1) % n == 0
 
 
-def _is_last_step(trainer: "pl.Trainer") -> bool:
+def _is_last_step(trainer: pl.Trainer) -> bool:
     """Is the optimizer step being taken the last of the fit (as far as known in advance)?"""
     if trainer.should_stop or getattr(trainer, "fast_dev_run", False):
         return True

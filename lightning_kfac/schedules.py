@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, ClassVar, Sequence
+from itertools import pairwise
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 from lightning_kfac.engine.validation import check_finite_float
 
@@ -79,7 +81,7 @@ class Schedule:
 
     #: constructor arguments, in order; they are also the checkpointed state
     fields: ClassVar[tuple[str, ...]] = ()
-    _registry: ClassVar[dict[str, type["Schedule"]]] = {}
+    _registry: ClassVar[dict[str, type[Schedule]]] = {}
 
     unit: str = "step"
 
@@ -88,10 +90,14 @@ class Schedule:
         Schedule._registry[cls.__name__] = cls
 
     # --- position --------------------------------------------------------------------------
-    def bind(self, steps_per_epoch: int | None) -> "Schedule":
+    def bind(self, steps_per_epoch: int | None) -> Schedule:
         """Set how many optimizer steps an epoch has (for ``unit="epoch"``); returns self."""
         if steps_per_epoch is not None:
-            if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, numbers.Integral) or steps_per_epoch < 1:
+            if (
+                isinstance(steps_per_epoch, bool)
+                or not isinstance(steps_per_epoch, numbers.Integral)
+                or steps_per_epoch < 1
+            ):
                 raise ValueError(f"steps_per_epoch must be an integer >= 1 or None, got {steps_per_epoch!r}")
             steps_per_epoch = int(steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
@@ -179,7 +185,7 @@ class StepDecay(Schedule):
         if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
             raise TypeError(f"StepDecay: milestones must be a list of steps or epochs, got {milestones!r}")
         values = [_real("StepDecay", "milestones", m) for m in milestones]
-        if any(m < 0 for m in values) or any(b <= a for a, b in zip(values, values[1:])):
+        if any(m < 0 for m in values) or any(b <= a for a, b in pairwise(values)):
             raise ValueError(f"StepDecay: milestones must be >= 0 and strictly increasing, got {list(milestones)!r}")
         self.milestones = tuple(int(m) if float(m).is_integer() else m for m in values)
         self.gamma = _positive("StepDecay", "gamma", gamma)
@@ -295,7 +301,12 @@ class _CallableSchedule(Schedule):
         return ()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"class": None, "init_args": {}, "steps_per_epoch": None, "callable": getattr(self.fn, "__qualname__", repr(self.fn))}
+        return {
+            "class": None,
+            "init_args": {},
+            "steps_per_epoch": None,
+            "callable": getattr(self.fn, "__qualname__", repr(self.fn)),
+        }
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _CallableSchedule) and other.fn is self.fn

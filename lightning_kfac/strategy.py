@@ -30,7 +30,7 @@ namespace: :class:`KFACDDPStrategy` here for ``pytorch_lightning``, and
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pytorch_lightning.strategies import DDPStrategy
@@ -110,7 +110,7 @@ class _KFACStrategyBase:
             if not any(isinstance(cb, KFACCallback) for cb in trainer.callbacks):
                 trainer.callbacks.append(self._callback_class()())
 
-    def setup(self, trainer: "pl.Trainer") -> None:
+    def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)  # type: ignore[misc]
         if trainer.state.fn != "fit":
             # validate/test/predict: no preconditioner, no hooks; a checkpoint they loaded must

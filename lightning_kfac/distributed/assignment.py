@@ -13,8 +13,8 @@ position (``rank % n``), so each receive group holds exactly one worker of each 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 def factor_cost(dim: int, cost: str) -> float:
@@ -79,29 +79,33 @@ class WorkPlan:
         grad_workers: int,
         cost: str = "compute",
         split_factors: bool = False,
-    ) -> "WorkPlan":
+    ) -> WorkPlan:
         empty = cls(world_size, grad_workers, {}, {}, tuple(0.0 for _ in range(world_size)), cost, split_factors)
         return empty.extended(layers)
 
-    def extended(self, layers: Sequence[LayerShape]) -> "WorkPlan":
+    def extended(self, layers: Sequence[LayerShape]) -> WorkPlan:
         """This plan with ``layers`` (not yet in it) added: largest first, each to the least
         loaded rank given the loads so far, so that a plan grown in steps is balanced like one
         built at once, and one built from nothing is :func:`lpt_assign`'s. The owners already
         chosen stay (their factors live there)."""
         if self.split_factors:
-            tasks = [(layer.name, side, dim) for layer in layers for side, dim in (("a", layer.a_dim), ("g", layer.g_dim))]
+            tasks = [
+                (layer.name, side, dim) for layer in layers for side, dim in (("a", layer.a_dim), ("g", layer.g_dim))
+            ]
             costs = [factor_cost(dim, self.cost) for _, _, dim in tasks]
         else:
             tasks = [(layer.name, "ag", 0) for layer in layers]
             costs = [factor_cost(layer.a_dim, self.cost) + factor_cost(layer.g_dim, self.cost) for layer in layers]
         owners, loads = _lpt_continue(costs, list(self.loads))
         a_owner, g_owner = dict(self.a_owner), dict(self.g_owner)
-        for (name, side, _), owner in zip(tasks, owners):
+        for (name, side, _), owner in zip(tasks, owners, strict=True):
             if "a" in side:
                 a_owner[name] = owner
             if "g" in side:
                 g_owner[name] = owner
-        return WorkPlan(self.world_size, self.grad_workers, a_owner, g_owner, tuple(loads), self.cost, self.split_factors)
+        return WorkPlan(
+            self.world_size, self.grad_workers, a_owner, g_owner, tuple(loads), self.cost, self.split_factors
+        )
 
     @property
     def layer_names(self) -> list[str]:

@@ -82,7 +82,9 @@ class Exchange:
     def on_output_grad(self) -> None:
         pass
 
-    def finish_factor_step(self, due: list[str], registered: list[str], plan: WorkPlan, source: FactorSource, grow: Grow) -> tuple[Batches, Totals]:
+    def finish_factor_step(
+        self, due: list[str], registered: list[str], plan: WorkPlan, source: FactorSource, grow: Grow
+    ) -> tuple[Batches, Totals]:
         totals = {n: (float(source.counts(n)[0]), float(source.counts(n)[1])) for n in registered}
         new = [n for n in due if n not in plan.a_owner and min(totals[n]) > 0]
         if new:
@@ -103,12 +105,22 @@ class Exchange:
     def broadcast_decompositions(self, plan: WorkPlan, blocks: dict[str, Any], names: list[str]) -> None:
         pass
 
-    def share_gradients(self, plan: WorkPlan, ready: list[str], shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], preconditioned: dict[str, Tensor]) -> None:
+    def share_gradients(
+        self,
+        plan: WorkPlan,
+        ready: list[str],
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        preconditioned: dict[str, Tensor],
+    ) -> None:
         pass
 
     def gather_state(self, plan: WorkPlan, blocks: dict[str, Any], names: list[str]) -> dict[str, dict[str, Tensor]]:
         return {
-            name: {key: getattr(blocks[name], key).clone() for key in blocks[name].state_keys() if getattr(blocks[name], key) is not None}
+            name: {
+                key: getattr(blocks[name], key).clone()
+                for key in blocks[name].state_keys()
+                if getattr(blocks[name], key) is not None
+            }
             for name in names
         }
 
@@ -133,7 +145,13 @@ class GroupExchange(Exchange):
     """The collectives on K-FAC's process groups (collective to construct: every rank at once)."""
 
     def __init__(
-        self, plan: WorkPlan, rank: int, cap_bytes: int, symmetric: bool, comm_dtype: torch.dtype | None, sum_dtype: torch.dtype
+        self,
+        plan: WorkPlan,
+        rank: int,
+        cap_bytes: int,
+        symmetric: bool,
+        comm_dtype: torch.dtype | None,
+        sum_dtype: torch.dtype,
     ) -> None:
         self.comm = Communicator(plan, rank, cap_bytes)
         #: what factors travel in: ``comm_dtype``, else the dtype of the recorded sums
@@ -149,7 +167,9 @@ class GroupExchange(Exchange):
         self.launched_buckets = 0
 
     # --- factors -----------------------------------------------------------------------------
-    def buckets_for(self, names: list[str], plan: WorkPlan, source: FactorSource, wire_dtype: torch.dtype) -> list[FactorBucket]:
+    def buckets_for(
+        self, names: list[str], plan: WorkPlan, source: FactorSource, wire_dtype: torch.dtype
+    ) -> list[FactorBucket]:
         sizes = {}
         for name in names:
             for side in ("a", "g"):
@@ -199,17 +219,21 @@ class GroupExchange(Exchange):
             values = bucket.pending.wait()
             bucket.pending = None
             if bucket.owner == self.rank:
-                reduced.update(zip(bucket.entries, values))
+                reduced.update(zip(bucket.entries, values, strict=True))
         return reduced
 
-    def finish_factor_step(self, due: list[str], registered: list[str], plan: WorkPlan, source: FactorSource, grow: Grow) -> tuple[Batches, Totals]:
+    def finish_factor_step(
+        self, due: list[str], registered: list[str], plan: WorkPlan, source: FactorSource, grow: Grow
+    ) -> tuple[Batches, Totals]:
         """Collective. The rest of the step's buckets go out (in order); then the row counts of
         every registered layer and one late flag per bucket travel in one all-reduce; layers that
         recorded for the first time join the plan and send; late buckets are sent again in
         full. Returns this rank's owned batch factors (divided by the total rows) and the totals."""
         if self._buckets is None:
             self._source = source
-            self._buckets = self.buckets_for([n for n in reversed(registered) if n in plan.a_owner and n in due], plan, source, self.wire_dtype)
+            self._buckets = self.buckets_for(
+                [n for n in reversed(registered) if n in plan.a_owner and n in due], plan, source, self.wire_dtype
+            )
             self._next = 0
         self._launch_ready(flush=True)
         buckets = self._buckets
@@ -217,7 +241,7 @@ class GroupExchange(Exchange):
         local += [float(any(source.counts(n) != b.snapshot.get(n) for n in b.layers)) for b in buckets]
         summed = self.comm.all_reduce_counts(local)
         totals = {n: (summed[2 * i], summed[2 * i + 1]) for i, n in enumerate(registered)}
-        late = [b for b, flag in zip(buckets, summed[2 * len(registered) :]) if flag > 0]
+        late = [b for b, flag in zip(buckets, summed[2 * len(registered) :], strict=True) if flag > 0]
         reduced = self._wait(buckets)
         new = [n for n in due if n not in plan.a_owner and min(totals[n]) > 0]
         if new:
@@ -269,13 +293,19 @@ class GroupExchange(Exchange):
             values = work.wait()
             if src == self.rank:
                 continue
-            for (name, key, packed), value in zip(keys, values):
+            for (name, key, packed), value in zip(keys, values, strict=True):
                 block = blocks[name]
                 if packed:
                     value = unpack_symmetric(value, block.active_layout("a" if key == "a_inv" else "g").dim)
                 setattr(block, key, value)
 
-    def share_gradients(self, plan: WorkPlan, ready: list[str], shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], preconditioned: dict[str, Tensor]) -> None:
+    def share_gradients(
+        self,
+        plan: WorkPlan,
+        ready: list[str],
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        preconditioned: dict[str, Tensor],
+    ) -> None:
         """Each gradient worker sends its preconditioned gradients to its receive group."""
         if plan.grad_workers == self.world_size:
             return
@@ -294,7 +324,7 @@ class GroupExchange(Exchange):
         for src, names, work in pending:
             values = work.wait()
             if src != self.rank:
-                preconditioned.update(zip(names, values))
+                preconditioned.update(zip(names, values, strict=True))
 
     def gather_state(self, plan: WorkPlan, blocks: dict[str, Any], names: list[str]) -> dict[str, dict[str, Tensor]]:
         """Every owner's state tensors to every rank (an owner whose first update was
@@ -312,13 +342,17 @@ class GroupExchange(Exchange):
                     value = getattr(block, key) if src == self.rank else None
                     device = block.layer.weight.device
                     if value is None:
-                        value = torch.full(shape, float("nan"), dtype=dtype, device=device) if src == self.rank else torch.empty(shape, dtype=dtype, device=device)
+                        value = (
+                            torch.full(shape, float("nan"), dtype=dtype, device=device)
+                            if src == self.rank
+                            else torch.empty(shape, dtype=dtype, device=device)
+                        )
                     entries.append((name, key))
                     tensors.append(value)
             if tensors:
                 pending.append((entries, self.comm.broadcast_world(src, tensors)))
         for entries, work in pending:
-            for (name, key), value in zip(entries, work.wait()):
+            for (name, key), value in zip(entries, work.wait(), strict=True):
                 out[name][key] = value.clone()
         return out
 
@@ -338,6 +372,23 @@ class GroupExchange(Exchange):
 
     def total_bytes(self) -> int:
         return self.comm.total_bytes()
+
+
+def ensure_group_exchange(
+    exchange: Exchange, plan: WorkPlan, rank: int, config: Any, sum_dtype: torch.dtype, grad_scale: Any
+) -> Exchange:
+    """The exchange for a step: on the first step of a distributed run, K-FAC's process groups
+    (collective: every rank at once). Refuses a float16 wire under a loss scale."""
+    wire = config.comm_dtype or sum_dtype
+    if grad_scale is not None and plan.world_size > 1 and wire == torch.float16:
+        raise ValueError(
+            "factors travel in float16 (comm_dtype), which cannot carry the factors of loss-scaled "
+            "gradients (a scale of 2**16 squared overflows float16). Use comm_dtype='bfloat16' or leave "
+            "comm_dtype=None (the factors' own dtype, float32 for float16 factors)."
+        )
+    if plan.world_size == 1 or isinstance(exchange, GroupExchange):
+        return exchange
+    return GroupExchange(plan, rank, config.bucket_cap_bytes, config.symmetric_comm, config.comm_dtype, sum_dtype)
 
 
 class _Awaited:

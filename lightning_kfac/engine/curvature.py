@@ -1,5 +1,5 @@
 """Pure functions on tensors: running averages, damped decompositions, preconditioning and
-KL clipping, exactly as ``shared/CONVENTIONS.md`` defines them.
+KL clipping, exactly as ``docs/conventions.md`` defines them.
 
 Nothing here knows about modules, ranks or Lightning; each function is tested against an
 explicit Kronecker solve.
@@ -23,8 +23,10 @@ __all__ = [
     "eigen_decompose",
     "eigen_inverse_denominator",
     "eigen_precondition",
+    "inner",
     "intra_op_threads",
     "kl_clip_scale",
+    "kl_clip_scale_of",
     "pack_symmetric",
     "running_average_",
     "tikhonov_pi",
@@ -144,6 +146,23 @@ def cholesky_precondition(grad: Tensor, a_inv: Tensor, g_inv: Tensor) -> Tensor:
 
 
 # --- KL clipping -----------------------------------------------------------------------------
+def kl_clip_scale_of(pairs: list[tuple[Tensor, Tensor]], lr: float, kl_clip: float) -> Tensor:
+    """:func:`kl_clip_scale` of the layers' (V', V) pairs, summed in float64 in the given order
+    (one fixed order on every rank gives bitwise-equal sums)."""
+    vg_sum = torch.zeros((), dtype=torch.float64, device=pairs[0][0].device)
+    for preconditioned, grad in pairs:
+        vg_sum += inner(preconditioned, grad)
+    return kl_clip_scale(vg_sum, lr, kl_clip)
+
+
+def inner(a: Tensor, b: Tensor) -> Tensor:
+    """<a, b> as a float64 scalar; half-precision inputs are summed in float32."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    return torch.dot(a, b).double()
+
+
 def kl_clip_scale(vg_sum: Tensor, lr: float, kl_clip: float) -> Tensor:
     """nu = min(1, sqrt(kl_clip / (lr^2 sum <V', V>))), as a 0-dim tensor (no host sync)."""
     denominator = (vg_sum.abs() * (lr * lr)).clamp(min=torch.finfo(vg_sum.dtype).tiny)

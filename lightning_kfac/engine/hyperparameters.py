@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from lightning_kfac.engine.validation import (
     check_decay,
@@ -78,7 +79,9 @@ def coerce(name: str, raw: Any) -> Any:
     if not rule.integer:
         return rule.check(name, raw)
     if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
-        raise TypeError(f"{name} must be a number (it is rounded to an integer >= 1), got {raw!r} ({type(raw).__name__})")
+        raise TypeError(
+            f"{name} must be a number (it is rounded to an integer >= 1), got {raw!r} ({type(raw).__name__})"
+        )
     value = float(raw)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {raw!r}")

@@ -1,7 +1,7 @@
 """Per-layer-kind factor math: what a layer contributes to A and G, and how its gradient is read
 and written as one matrix V of shape (out, in [+1]).
 
-The scaling follows ``shared/CONVENTIONS.md``: with B the leading (batch) dimension of the
+The scaling follows ``docs/conventions.md``: with B the leading (batch) dimension of the
 layer's input and R the number of rows (samples x positions),
 
     A = (1/R) sum_r a_r a_r^T                      (mean over every row)
@@ -210,7 +210,7 @@ class ConvLayer(KFACLayer):
             return x
         if conv.padding == "same":
             pads: list[int] = []
-            for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
+            for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation), strict=True):
                 total = d * (k - 1)
                 pads += [total // 2, total - total // 2]
             return F.pad(x, pads)
@@ -230,14 +230,14 @@ class ConvLayer(KFACLayer):
             rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
         else:
             # (B, C, *S) -> (B, C, *O, *K) with one unfold per spatial dim; dilation by slicing
-            for i, (k, s, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation)):
+            for i, (k, s, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation, strict=True)):
                 x = x.unfold(2 + i, d * (k - 1) + 1, s)
                 if d > 1:
                     x = x[..., ::d]
             n = self.spatial
             order = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
             x = x.permute(order)
-            rows = x.reshape(-1, x.shape[1 + n : ].numel())
+            rows = x.reshape(-1, x.shape[1 + n :].numel())
         return rows
 
     def output_grad_rows(self, gy: Tensor) -> Tensor:
@@ -346,7 +346,7 @@ def register_layers(model: nn.Module, skip_layers: tuple[str, ...]) -> tuple[dic
             skipped.append(SkippedLayer(name, type(module).__name__, "matched skip_layers" if hits else reason or ""))
             continue
         layers[name] = layer
-    for pattern, hit in zip(skip_layers, matched):
+    for pattern, hit in zip(skip_layers, matched, strict=True):
         if not hit:
             warnings.warn(f"skip_layers pattern {pattern!r} matched no supported layer", stacklevel=4)
     if not layers:

@@ -14,9 +14,10 @@ autograd is enabled, the layer's weight trains, and the schedule has the layer d
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn

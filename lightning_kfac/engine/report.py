@@ -13,10 +13,57 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_kfac.distributed.assignment import WorkPlan
+
 if TYPE_CHECKING:
-    from lightning_kfac.distributed.assignment import WorkPlan
     from lightning_kfac.engine.preconditioner import KFACPreconditioner
     from lightning_kfac.engine.staleness import StalenessConfig
+
+
+def memory_usage(pre: KFACPreconditioner) -> dict[str, int]:
+    """Bytes this rank holds (running factors, decompositions) and the factor total of a fully
+    replicated scheme."""
+    itemsize = pre.config.factor_dtype.itemsize
+    usage = {"factors": 0, "decompositions": 0, "replicated_factors": 0}
+    for block in pre.blocks.values():
+        usage["replicated_factors"] += (block.layout("a").numel + block.layout("g").numel) * itemsize
+        for key, tensor in block.held_tensors().items():
+            usage["factors" if key.startswith("running") else "decompositions"] += (
+                tensor.numel() * tensor.element_size()
+            )
+    return usage
+
+
+def decompositions(pre: KFACPreconditioner) -> dict[str, dict[str, Any]]:
+    """Eigenvalues (``d_a``, ``d_g``; eigen) or damped inverses (``a_inv``, ``g_inv``; cholesky)
+    of each layer this rank preconditions, with the damping they used."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, block in pre.blocks.items():
+        values = {k: getattr(block, k) for k in ("d_a", "d_g", "a_inv", "g_inv") if getattr(block, k, None) is not None}
+        if values:
+            out[name] = {**values, "damping": block.damping}
+    return out
+
+
+def first_order_parameters(pre: KFACPreconditioner) -> list[str]:
+    """Trainable parameters K-FAC leaves to their plain gradient (norms, skipped layers,
+    free-standing parameters such as MultiheadAttention's in_proj_weight)."""
+    model = pre.model
+    if model is None:
+        return []
+    covered = {id(p) for layer in pre.layers.values() for p in layer.parameters()}
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+
+
+def prospective_plan(pre: KFACPreconditioner) -> WorkPlan:
+    """The plan with every trainable registered layer added as if it recorded (local; for
+    summaries): before the first step, as the first step would plan it for the world size now."""
+    roster, config = pre.roster, pre.config
+    shapes = roster.shapes(roster.waiting())
+    if not roster.plan.a_owner:
+        workers = config.grad_workers_per_layer(pre.world_size)
+        return type(roster.plan).build(shapes, pre.world_size, workers, config.assignment_cost, config.split_factors)
+    return roster.plan.extended(shapes) if shapes else roster.plan
 
 
 def estimated_memory(pre: KFACPreconditioner, plan: WorkPlan) -> list[dict[str, int]]:
@@ -46,7 +93,9 @@ def estimated_memory(pre: KFACPreconditioner, plan: WorkPlan) -> list[dict[str, 
     return out
 
 
-def _spectrum_extremes(pre: KFACPreconditioner, name: str, which: str, running: torch.Tensor | None) -> tuple[float, float] | None:
+def _spectrum_extremes(
+    pre: KFACPreconditioner, name: str, which: str, running: torch.Tensor | None
+) -> tuple[float, float] | None:
     """(largest, smallest) eigenvalue of factor ``which`` of layer ``name``: from the
     decomposition this rank holds, else from its running factor (a diagonal factor's values
     are its eigenvalues)."""
@@ -97,7 +146,7 @@ def layer_statistics(pre: KFACPreconditioner) -> dict[str, dict[str, float]]:
     table = pre.exchange.max_all_reduce(table)  # on K-FAC's own group; nothing on one process
     decompositions = pre.decompositions()
     out: dict[str, dict[str, float]] = {}
-    for name, row in zip(names, table.cpu().tolist()):
+    for name, row in zip(names, table.cpu().tolist(), strict=True):
         # the damping of the layer's last inversion (the current one before the first)
         damping = float(decompositions.get(name, {}).get("damping") or pre.damping)
         values: dict[str, float] = {}
@@ -156,55 +205,68 @@ def fit_summary(
         hp = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in hyperparameters.items())
         lines.append(f"  hyperparameters at start: {hp}")
     if adaptive is not None:
-        lines.append(
-            f"  adaptive intervals: threshold {adaptive.threshold:g}, inversions every "
-            f"{adaptive.min_interval}..{adaptive.max_interval} steps, x{adaptive.growth:g} / x{adaptive.shrink:g}, "
-            f"change of the {'damped' if adaptive.damped else 'raw'} factors"
-            f"{' net of sampling noise' if adaptive.noise_corrected else ''}"
-            f"{f', probe_after={adaptive.probe_after}: a run of {adaptive.probe_after} changes in the hold band grows the interval' if adaptive.probe_after else ''}"
-        )
-    if layers:
-        rows = [("layer", "kind", "A", "G", "owner A/G", "workers")]
-        order = sorted(layers, key=lambda n: -(layers[n].a_dim ** 3 + layers[n].g_dim ** 3))
-        shown = set(order[:max_rows])
-        for name, layer in layers.items():
-            if name not in shown:
-                continue
-            rows.append(
-                (
-                    name or "(model)",
-                    layer.kind,
-                    layer.a_layout.describe(),
-                    layer.g_layout.describe(),
-                    f"{plan.a_owner[name]}/{plan.g_owner[name]}",
-                    _ranks(plan.grad_worker_ranks(name), plan.world_size),
-                )
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if len(layers) > max_rows:
-            hidden = [layers[n] for n in order[max_rows:]]
-            elements = sum(layer.a_layout.numel + layer.g_layout.numel for layer in hidden)
-            lines.append(f"  ... and {len(hidden)} smaller layer(s) ({elements} factor elements)")
-    if skipped:
-        lines.append("  skipped (plain gradient):")
-        shown_skips = skipped[:max_rows]
-        width = max(len(s.name or "(model)") for s in shown_skips)
-        for s in shown_skips:
-            lines.append(f"    {(s.name or '(model)').ljust(width)}  {s.kind}: {s.reason}")
-        if len(skipped) > max_rows:
-            lines.append(f"    ... and {len(skipped) - max_rows} more")
+        lines.append(_adaptive_line(adaptive))
+    lines += _layer_table(layers, plan, max_rows) + _skipped_lines(skipped, max_rows)
     memory = estimated_memory(pre, plan)
     if memory and layers:
-        worst = max(range(len(memory)), key=lambda r: memory[r]["total"])
-        m = memory[worst]
-        lines.append(
-            f"  estimated memory, rank {worst} (the most loaded): {format_bytes(m['total'])} = factors "
-            f"{format_bytes(m['factors'])} + step accumulators {format_bytes(m['accumulators'])} + decompositions "
-            f"{format_bytes(m['decompositions'])}"
-        )
-        if len(memory) > 1:
-            per_rank = ", ".join(f"{r}: {format_bytes(m['total'])}" for r, m in enumerate(memory[:16]))
-            lines.append(f"  per rank: {per_rank}{' ...' if len(memory) > 16 else ''}")
+        lines += _memory_lines(memory)
     return "\n".join(lines)
+
+
+def _adaptive_line(adaptive: StalenessConfig) -> str:
+    probe = adaptive.probe_after
+    return (
+        f"  adaptive intervals: threshold {adaptive.threshold:g}, inversions every "
+        f"{adaptive.min_interval}..{adaptive.max_interval} steps, x{adaptive.growth:g} / x{adaptive.shrink:g}, "
+        f"change of the {'damped' if adaptive.damped else 'raw'} factors"
+        f"{' net of sampling noise' if adaptive.noise_corrected else ''}"
+        f"{f', probe_after={probe}: a run of {probe} changes in the hold band grows the interval' if probe else ''}"
+    )
+
+
+def _layer_table(layers: dict[str, Any], plan: WorkPlan, max_rows: int) -> list[str]:
+    if not layers:
+        return []
+    rows = [("layer", "kind", "A", "G", "owner A/G", "workers")]
+    order = sorted(layers, key=lambda n: -(layers[n].a_dim ** 3 + layers[n].g_dim ** 3))
+    shown = set(order[:max_rows])
+    for name, layer in layers.items():
+        if name in shown:
+            owners = f"{plan.a_owner[name]}/{plan.g_owner[name]}"
+            workers = _ranks(plan.grad_worker_ranks(name), plan.world_size)
+            rows.append(
+                (name or "(model)", layer.kind, layer.a_layout.describe(), layer.g_layout.describe(), owners, workers)
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if len(layers) > max_rows:
+        hidden = [layers[n] for n in order[max_rows:]]
+        elements = sum(layer.a_layout.numel + layer.g_layout.numel for layer in hidden)
+        lines.append(f"  ... and {len(hidden)} smaller layer(s) ({elements} factor elements)")
+    return lines
+
+
+def _skipped_lines(skipped: list[Any], max_rows: int) -> list[str]:
+    if not skipped:
+        return []
+    lines = ["  skipped (plain gradient):"]
+    shown = skipped[:max_rows]
+    width = max(len(s.name or "(model)") for s in shown)
+    lines += [f"    {(s.name or '(model)').ljust(width)}  {s.kind}: {s.reason}" for s in shown]
+    if len(skipped) > max_rows:
+        lines.append(f"    ... and {len(skipped) - max_rows} more")
+    return lines
+
+
+def _memory_lines(memory: list[dict[str, int]]) -> list[str]:
+    worst = max(range(len(memory)), key=lambda r: memory[r]["total"])
+    m = memory[worst]
+    lines = [
+        f"  estimated memory, rank {worst} (the most loaded): {format_bytes(m['total'])} = factors "
+        f"{format_bytes(m['factors'])} + step accumulators {format_bytes(m['accumulators'])} + decompositions "
+        f"{format_bytes(m['decompositions'])}"
+    ]
+    if len(memory) > 1:
+        per_rank = ", ".join(f"{r}: {format_bytes(m['total'])}" for r, m in enumerate(memory[:16]))
+        lines.append(f"  per rank: {per_rank}{' ...' if len(memory) > 16 else ''}")
+    return lines

@@ -14,7 +14,8 @@ step, and a layer never decomposed (or whose bias froze or thawed) is decomposed
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,7 +56,9 @@ class FixedSchedule:
     def observer(self, name: str, side: str) -> Observer | None:
         return None
 
-    def before_inversion(self, names: list[str], step: int, blocks: dict[str, CurvatureBlock], owns: Callable[[str], bool], agree: Agree) -> None:
+    def before_inversion(
+        self, names: list[str], step: int, blocks: dict[str, CurvatureBlock], owns: Callable[[str], bool], agree: Agree
+    ) -> None:
         pass
 
     def sync(self) -> bool:
@@ -121,7 +124,9 @@ class AdaptiveSchedule(FixedSchedule):
 
         return record
 
-    def before_inversion(self, names: list[str], step: int, blocks: dict[str, CurvatureBlock], owns: Callable[[str], bool], agree: Agree) -> None:
+    def before_inversion(
+        self, names: list[str], step: int, blocks: dict[str, CurvatureBlock], owns: Callable[[str], bool], agree: Agree
+    ) -> None:
         """Owners measure each layer's change since its last inversion and pick the next
         intervals; every rank learns them at the next step."""
         # row 0: the next interval, row 1: the hold count (probe_after); owners write, others 0
@@ -174,7 +179,7 @@ class AdaptiveSchedule(FixedSchedule):
         pending, names, step = self._pending
         self._pending = None
         intervals = pending.wait()
-        for name, interval, holds in zip(names, *intervals.tolist()):
+        for name, interval, holds in zip(names, *intervals.tolist(), strict=True):
             tracker = self.trackers.get(name)
             if tracker is None:
                 continue
@@ -205,3 +210,19 @@ class AdaptiveSchedule(FixedSchedule):
             tracker.load_state_dict(saved["tracker"])
             self.next_factor_step[name] = int(saved["next_factor_step"])
             self.next_inverse_step[name] = int(saved["next_inverse_step"])
+
+
+def make_schedule(
+    adaptive: StalenessConfig | None, hyperparameters: Hyperparameters, inverse_dtype: torch.dtype, split_factors: bool
+) -> FixedSchedule:
+    """The schedule for ``adaptive`` (None: fixed intervals), checked against the structure."""
+    if adaptive is None:
+        return FixedSchedule(hyperparameters)
+    if not isinstance(adaptive, StalenessConfig):
+        raise TypeError(f"staleness must be a StalenessConfig or None, got {type(adaptive).__name__}")
+    if split_factors:
+        raise ValueError(
+            "staleness (adaptive intervals) measures each layer's change on the rank holding both "
+            "of its factors; it cannot be combined with split_factors=True (set split_factors=False)"
+        )
+    return AdaptiveSchedule(hyperparameters, adaptive, inverse_dtype)

@@ -165,7 +165,9 @@ class StalenessConfig:
         for flag in ("noise_corrected", "damped"):
             value = getattr(self, flag)
             if not isinstance(value, bool):
-                raise TypeError(f"StalenessConfig: {flag} must be True or False, got {value!r} ({type(value).__name__})")
+                raise TypeError(
+                    f"StalenessConfig: {flag} must be True or False, got {value!r} ({type(value).__name__})"
+                )
 
     @property
     def upper_threshold(self) -> float:
@@ -223,7 +225,9 @@ def shifted_norm(factor: Tensor, shift: Tensor | float) -> Tensor:
 
 def _ratio(change: Tensor, base: Tensor) -> Tensor:
     """change / base, with 0 / 0 = 0 and x / 0 = inf for x > 0."""
-    return torch.where(base > 0, change / base, torch.where(change > 0, torch.full_like(change, math.inf), torch.zeros_like(change)))
+    return torch.where(
+        base > 0, change / base, torch.where(change > 0, torch.full_like(change, math.inf), torch.zeros_like(change))
+    )
 
 
 def noise_floor_sq(deviation_sq_mean: Tensor | float, decay: float, updates: int) -> Tensor | float:
@@ -241,7 +245,9 @@ def corrected_relative_change(
     """``sqrt(max(0, ||new - old||_F^2 - noise^2)) / ||old + shift I||_F`` (float64, no host
     sync), with ``noise^2`` from :func:`noise_floor_sq`; the same conventions as
     :func:`relative_change`."""
-    noise_sq = torch.as_tensor(noise_floor_sq(deviation_sq_mean, decay, updates), dtype=torch.float64, device=new.device)
+    noise_sq = torch.as_tensor(
+        noise_floor_sq(deviation_sq_mean, decay, updates), dtype=torch.float64, device=new.device
+    )
     return _change_ratio("corrected_relative_change", new, old, noise_sq, shift)
 
 

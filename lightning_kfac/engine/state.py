@@ -15,6 +15,7 @@ Version 2::
                        tensors, gathered from all ranks
     layer_meta         {layer: {a_updates, g_updates, inversions, decomposed_with_bias,
                        row_scale}}
+    last_inversion_step  the engine step of the last inversion (None before one)
 
 Version 1 (before release 0.2) had no ``layer_meta`` (the counters are inferred from which
 tensors a layer has) and could hold ``inverse_damping`` as one number.
@@ -22,11 +23,16 @@ tensors a layer has) and could hold ``inverse_damping`` as one number.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from lightning_kfac.distributed.exchange import owner_of
 from lightning_kfac.engine.blocks.base import CurvatureBlock
+from lightning_kfac.engine.notices import warn
+
+if TYPE_CHECKING:
+    from lightning_kfac.engine.preconditioner import KFACPreconditioner
 
 STATE_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
@@ -49,7 +55,7 @@ def migrate(state: dict[str, Any], blocks: dict[str, CurvatureBlock]) -> dict[st
     migrated = dict(state, version=STATE_VERSION)
     damping = state.get("inverse_damping", {})
     if not isinstance(damping, dict):  # one number for every layer
-        damping = {name: damping for name in state["layers"]}
+        damping = dict.fromkeys(state["layers"], damping)
     migrated["inverse_damping"] = damping
     meta = dict(state.get("layer_meta") or {})
     for name, saved in state["layers"].items():
@@ -93,3 +99,62 @@ def check_method(state: dict[str, Any], inverse_method: str) -> None:
             f"the state was saved with inverse_method={state['inverse_method']!r}, this preconditioner "
             f"uses {inverse_method!r}"
         )
+
+
+def capture(pre: KFACPreconditioner) -> dict[str, Any]:
+    """The state of ``pre`` in the current version (collective when distributed: the owners'
+    tensors are gathered to every rank)."""
+    planned = pre.roster.planned()
+    blocks, row_scales = pre.blocks, pre.recorder.row_scales
+    return {
+        "version": STATE_VERSION,
+        "steps": pre.steps,
+        "hyperparameters": pre.hyperparameters.as_dict(),
+        "inverse_method": pre.config.inverse_method,
+        "inversions": pre.inversions,
+        "layer_inversions": pre.layer_inversions,
+        "last_inversion_step": pre.last_inversion_step,
+        "adaptive": pre.schedule.state_dict(),
+        "has_factors": pre.has_factors,
+        "has_inverse": pre.has_inverse,
+        "inverse_damping": {n: blocks[n].damping for n in planned if blocks[n].damping is not None},
+        "layers": pre.exchange.gather_state(pre.plan, blocks, planned),
+        "layer_meta": {n: {**blocks[n].meta(), "row_scale": list(row_scales.get(n, (1.0, 1.0)))} for n in planned},
+    }
+
+
+def restore(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
+    """Put ``state`` (any supported version, any world size) in force on ``pre`` at once."""
+    state = migrate(state, pre.blocks)
+    check_method(state, pre.config.inverse_method)
+    check_shapes(state["layers"], pre.blocks)
+    pre.hyperparameters.load(state["hyperparameters"])
+    pre.steps = int(state["steps"])
+    pre.inversions, pre.layer_inversions = int(state.get("inversions", 0)), int(state.get("layer_inversions", 0))
+    pre.last_inversion_step = state.get("last_inversion_step")
+    layers, meta, damping = state["layers"], state["layer_meta"], state["inverse_damping"]
+    unknown = sorted(set(layers) - set(pre.blocks))
+    if unknown:
+        warn(f"K-FAC state has layers this model does not precondition: {unknown}")
+    roster = pre.roster
+    for name in roster.planned():
+        if name not in layers:  # planned here, absent there: afresh
+            pre.blocks[name].reset_factors()
+    saved = [n for n in pre.blocks if n in layers]
+    roster.join(saved)
+    roster.loaded = set(layers)
+    plan, rank = roster.plan, pre.rank
+    for name in saved:
+        worker = plan.is_grad_worker(name, rank)
+
+        def keep(key: str, name: str = name, worker: bool = worker) -> bool:
+            return owner_of(plan, name, key) == rank if key.startswith("running") else worker
+
+        block = pre.blocks[name]
+        block.load(layers[name], {**meta[name], "damping": damping.get(name)}, keep)
+        block.restore(worker)
+        scale = meta[name].get("row_scale", (1.0, 1.0))
+        pre.recorder.row_scales[name] = (float(scale[0]), float(scale[1]))
+    for name in pre.blocks:
+        pre.schedule.join(name, pre.steps)
+    pre.schedule.load_state_dict(state.get("adaptive"))

@@ -7,7 +7,8 @@ mistyped yaml key fails at construction rather than hours into a run.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 

@@ -6,12 +6,13 @@ collective fails the test after ``timeout`` seconds instead of hanging CI.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import io
+import multiprocessing as mp
 import os
 import socket
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, queue: Any, arg
         buffer = io.BytesIO()
         torch.save(result, buffer)
         queue.put((rank, "ok", buffer.getvalue()))
-    except BaseException:  # noqa: BLE001 - reported to the parent
+    except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():

@@ -17,15 +17,16 @@ from lightning_kfac.testing.distributed import run_distributed
 from lightning_kfac.testing.oracles import capture_output_grads, linear_factors, relative_error
 
 GLOBAL_BATCH = 8
-SETTINGS = dict(
-    damping=0.01, inv_update_freq=1, kl_clip=None, factor_dtype=torch.float64, inverse_dtype=torch.float64
-)
+SETTINGS = dict(damping=0.01, inv_update_freq=1, kl_clip=None, factor_dtype=torch.float64, inverse_dtype=torch.float64)
 
 
 def _batches(steps: int, features: int, classes: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(GLOBAL_BATCH, features, generator=g, dtype=torch.float64), torch.randint(0, classes, (GLOBAL_BATCH,), generator=g))
+        (
+            torch.randn(GLOBAL_BATCH, features, generator=g, dtype=torch.float64),
+            torch.randint(0, classes, (GLOBAL_BATCH,), generator=g),
+        )
         for _ in range(steps)
     ]
 
@@ -68,7 +69,7 @@ def _train_unrolled(rank: int, world_size: int):
     pre = KFACPreconditioner(model, factor_decay=0.5, **SETTINGS)  # overlap_factor_comm on (default)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     factors = []
-    for calls, (x, y) in zip(CALLS, _batches(len(CALLS), 4, 3)):
+    for calls, (x, y) in zip(CALLS, _batches(len(CALLS), 4, 3), strict=True):
         optimizer.zero_grad()
         F.cross_entropy(net(_local(x, rank, world_size), calls), _local(y, rank, world_size)).backward()
         pre.step()
@@ -80,9 +81,9 @@ def _train_unrolled(rank: int, world_size: int):
 def test_a_layer_called_a_variable_number_of_times_gets_exact_factors_with_the_overlapped_exchange():
     one_factors, one_params = _train_unrolled(0, 1)
     for factors, params in run_distributed(_train_unrolled, 2):
-        for step, (got, expected) in enumerate(zip(factors, one_factors)):
+        for step, (got, expected) in enumerate(zip(factors, one_factors, strict=True)):
             for name in expected:
-                for which, g, e in zip("AG", got[name], expected[name]):
+                for which, g, e in zip("AG", got[name], expected[name], strict=True):
                     error = relative_error(g, e)
                     assert error <= 1e-10, f"step {step} ({CALLS[step]} calls) {name} {which}: {error:.2e}"
         assert relative_error(params, one_params) <= 1e-10
@@ -125,7 +126,9 @@ def _train_branches(rank: int, world_size: int, uses_branch):
             plain = model.branch.weight.grad.clone()
             pre.step()
             own = (inputs[-1], grads[-1]) if len(grads) > seen else None
-            steps.append({"factors": _full_factors(pre), "own": own, "plain": plain, "kfac": model.branch.weight.grad.clone()})
+            steps.append(
+                {"factors": _full_factors(pre), "own": own, "plain": plain, "kfac": model.branch.weight.grad.clone()}
+            )
             optimizer.step()
     return {"steps": steps, "warnings": [str(w.message) for w in caught], "layers": list(pre.layers)}
 
@@ -161,5 +164,5 @@ def test_a_layer_only_one_rank_uses_on_the_first_step_is_kept_and_preconditioned
         assert relative_error(running_g, expected_g) <= 1e-10
         for record in result["steps"]:  # preconditioned from the first step on
             assert relative_error(record["kfac"], record["plain"]) > 1e-3
-    for a, b in zip(results[0]["steps"], results[1]["steps"]):
+    for a, b in zip(results[0]["steps"], results[1]["steps"], strict=True):
         assert torch.equal(a["kfac"], b["kfac"])

@@ -31,7 +31,9 @@ def _float64_default(float64_default):
 
 
 def _pre(model: nn.Module, **kwargs) -> KFACPreconditioner:
-    settings = dict(damping=0.01, inv_update_freq=1, kl_clip=None, factor_dtype=torch.float64, inverse_dtype=torch.float64)
+    settings = dict(
+        damping=0.01, inv_update_freq=1, kl_clip=None, factor_dtype=torch.float64, inverse_dtype=torch.float64
+    )
     settings.update(kwargs)
     return KFACPreconditioner(model, **settings)
 
@@ -92,7 +94,7 @@ def test_a_layer_unused_for_60_steps_keeps_its_factors_and_updates_them_when_use
     step(True)
     first = linear_factors(inputs[-1], grads[-1], bias=True)
     held = [f.clone() for f in pre.factors()["aux"]]
-    assert all(relative_error(h, e) <= 1e-12 for h, e in zip(held, first))
+    assert all(relative_error(h, e) <= 1e-12 for h, e in zip(held, first, strict=True))
     for _ in range(60):
         step(False)
     running_a, running_g = pre.factors()["aux"]
@@ -248,7 +250,9 @@ def test_a_step_is_bitwise_the_same_under_one_and_two_intra_op_threads(method):
             torch.set_num_threads(1)
             torch.manual_seed(6)
             model = nn.Sequential(nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 10))
-            pre = KFACPreconditioner(model, inverse_method=method, inv_update_freq=1, kl_clip=1e-3, lr=0.1, damping=1e-3)
+            pre = KFACPreconditioner(
+                model, inverse_method=method, inv_update_freq=1, kl_clip=1e-3, lr=0.1, damping=1e-3
+            )
             F.cross_entropy(model(torch.randn(400, 300)), torch.randint(0, 10, (400,))).backward()
             torch.set_num_threads(count)
             pre.step()

@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_kfac import KFACCallback
 from tests.conftest import quiet_trainer
-from tests.scripts.kfac_lit import SyntheticData, TinyNet, flat_params
+from lightning_kfac.testing.lightning import SyntheticData, TinyNet, flat_params
 
 pytestmark = pytest.mark.usefixtures("one_thread", "clean_process_group")
 
@@ -102,6 +102,6 @@ def test_backbone_layers_unfrozen_by_backbone_finetuning_are_preconditioned_from
     )
     trainer.fit(model, datamodule=SyntheticData(batch_size=32))
     assert all(g is None for g in plain.before_kfac[:EPOCH_STEPS])  # frozen in epoch 0
-    for before, after in zip(plain.before_kfac[EPOCH_STEPS:], model.after_kfac[EPOCH_STEPS:]):
+    for before, after in zip(plain.before_kfac[EPOCH_STEPS:], model.after_kfac[EPOCH_STEPS:], strict=True):
         assert before is not None and after is not None
         assert float((after - before).norm() / before.norm()) > 1e-2  # K-FAC changed it, from the first step

@@ -23,8 +23,7 @@ sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-
-from kfac_lit import FinalState, flat_params, multi_run  # noqa: E402
+from lightning_kfac.testing.lightning import FinalState, flat_params, multi_run  # noqa: E402
 
 EPOCHS = 4
 

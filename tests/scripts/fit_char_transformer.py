@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import lightning_kfac  # noqa: E402,F401
+import lightning_kfac  # noqa: E402
 
 TEXT = (
     "Shall I compare thee to a summer's day? Thou art more lovely and more temperate: "

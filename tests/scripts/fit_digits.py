@@ -13,9 +13,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 
-import lightning_kfac  # noqa: E402,F401
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
-from tests.trainers import quiet_trainer  # noqa: E402
+
+import lightning_kfac  # noqa: E402,F401
+from lightning_kfac.testing.lightning import quiet_trainer  # noqa: E402
 
 
 def main() -> None:
@@ -31,8 +32,10 @@ def main() -> None:
     trainer = quiet_trainer(strategy=args.strategy, devices=args.devices, max_steps=args.max_steps, deterministic=True)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=args.batch_size))
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.save({"params": params, "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}},
-               os.path.join(args.out, f"rank{trainer.global_rank}.pt"))
+    torch.save(
+        {"params": params, "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}},
+        os.path.join(args.out, f"rank{trainer.global_rank}.pt"),
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 import lightning_kfac  # noqa: E402
-from tests.models import SmallCNN, cnn_batches  # noqa: E402
+from lightning_kfac.testing.models import SmallCNN, cnn_batches  # noqa: E402
 
 GLOBAL_BATCH = 12
 STEPS = 5
@@ -54,7 +54,10 @@ def main() -> None:
     args = parser.parse_args()
     trainer = pl.Trainer(
         strategy=lightning_kfac.KFACDDPStrategy(
-            inverse_method=args.method, grad_worker_fraction=args.fraction, factor_dtype="float64", inverse_dtype="float64"
+            inverse_method=args.method,
+            grad_worker_fraction=args.fraction,
+            factor_dtype="float64",
+            inverse_dtype="float64",
         ),
         callbacks=[lightning_kfac.KFACCallback(damping=0.01, inv_update_freq=2, factor_decay=0.9, kl_clip=1e-2)],
         accelerator="cpu",

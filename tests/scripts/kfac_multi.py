@@ -24,10 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 
 import torch  # noqa: E402
-
-import lightning_kfac  # noqa: E402
-from tests.trainers import quiet_trainer  # noqa: E402
-from kfac_lit import (  # noqa: E402
+from lightning_kfac.testing.lightning import (  # noqa: E402
     ACCUMULATE,
     EvalProbe,
     FinalState,
@@ -40,10 +37,15 @@ from kfac_lit import (  # noqa: E402
     multi_run,
 )
 
+import lightning_kfac  # noqa: E402
+from lightning_kfac.testing.lightning import quiet_trainer  # noqa: E402
+
 
 def run(args, tag: str, ckpt_path: str | None, counter: KFACCollectiveCounter | None) -> None:
     probe, final = EvalProbe(counter), FinalState()
-    model, data, trainer = multi_run(args.devices, os.path.join(args.out, tag), 2, [probe, final], num_nodes=args.num_nodes)
+    model, data, trainer = multi_run(
+        args.devices, os.path.join(args.out, tag), 2, [probe, final], num_nodes=args.num_nodes
+    )
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     result = {
         "params": flat_params(model),
@@ -79,8 +81,12 @@ def run_amp_overflow(args) -> None:
     )
     trainer.fit(model, datamodule=SyntheticData(batch_size=8, n=128))
     torch.save(
-        {"seen": watch.seen, "discarded": trainer.strategy.discarded_steps, "global_step": trainer.global_step,
-         "params": flat_params(model)},
+        {
+            "seen": watch.seen,
+            "discarded": trainer.strategy.discarded_steps,
+            "global_step": trainer.global_step,
+            "params": flat_params(model),
+        },
         os.path.join(args.out, f"amp-rank{trainer.global_rank}.pt"),
     )
 

@@ -15,11 +15,11 @@ sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
+from lightning_kfac.testing.lightning import SyntheticData, TinyNet  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 
 import lightning_kfac  # noqa: E402
-from kfac_lit import SyntheticData, TinyNet  # noqa: E402
-from tests.trainers import quiet_trainer  # noqa: E402
+from lightning_kfac.testing.lightning import quiet_trainer  # noqa: E402
 
 LAG = 3.0
 CHECKPOINT_STEP = 2

@@ -21,7 +21,8 @@ whether it preconditions the layer.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -189,7 +190,7 @@ class CurvatureBlock:
         if out.dtype != grad.dtype:
             out = out.to(grad.dtype)
         # in place: `out` is a fresh result of the method's products, never a view of `grad`
-        return torch.where(torch.isfinite(inner(out, grad)), out, grad, out=out)
+        return torch.where(torch.isfinite(curvature.inner(out, grad)), out, grad, out=out)
 
     def _precondition(self, v: Tensor) -> Tensor:
         raise NotImplementedError
@@ -252,14 +253,6 @@ class CurvatureBlock:
 
     #: tensors computed from the decomposition on a gradient worker (not checkpointed)
     derived_keys: ClassVar[tuple[str, ...]] = ()
-
-
-def inner(a: Tensor, b: Tensor) -> Tensor:
-    """<a, b> as a float64 scalar; half-precision inputs are summed in float32."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    if a.dtype in (torch.float16, torch.bfloat16):
-        a, b = a.float(), b.float()
-    return torch.dot(a, b).double()
 
 
 def nan_like_layout(layout: FactorLayout, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -56,7 +56,10 @@ def test_data_module_on_generated_files(tmp_path):
 def test_to_target():
     from harness import to_target
 
-    evals = [{"step": 10, "epoch": 0.1, "seconds": 1.0, "acc": 0.5}, {"step": 20, "epoch": 0.2, "seconds": 2.0, "acc": 0.9}]
+    evals = [
+        {"step": 10, "epoch": 0.1, "seconds": 1.0, "acc": 0.5},
+        {"step": 20, "epoch": 0.2, "seconds": 2.0, "acc": 0.9},
+    ]
     assert to_target(evals, "acc", 0.8, "max") == {"steps": 20, "epochs": 0.2, "seconds": 2.0}
     assert to_target(evals, "acc", 0.95, "max")["steps"] is None
     assert to_target(evals, "acc", 0.6, "min")["steps"] == 10
@@ -67,7 +70,14 @@ def test_smoke(tmp_path):
     cmd = [sys.executable, os.path.join(BENCH, "run.py"), "--smoke", "--out", str(out)]
     proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for name in ("RESULTS.md", "time_breakdown.png", "fmnist_mlp.png", "fmnist_cnn.png", "char_lm.png", "char_lm_target.json"):
+    for name in (
+        "RESULTS.md",
+        "time_breakdown.png",
+        "fmnist_mlp.png",
+        "fmnist_cnn.png",
+        "char_lm.png",
+        "char_lm_target.json",
+    ):
         assert (out / name).is_file(), name
     for task in ("fmnist_mlp", "fmnist_cnn", "char_lm"):
         summary = json.loads((out / f"{task}.json").read_text())
@@ -82,12 +92,32 @@ def test_step_cost_quick_run_writes_its_table(tmp_path):
     # the per-step cost benchmark (issue 9) end to end on its smallest configuration: one
     # round, the 1/1 setting, the CNN, cholesky and bf16-factor eigen rows
     out = tmp_path / "step_cost.json"
-    cmd = [sys.executable, os.path.join(BENCH, "step_cost.py"), "--quick", "--threads", "1", "--models", "cnn",
-           "--methods", "cholesky", "eigen", "--factor-dtypes", "bfloat16", "--warmup", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        os.path.join(BENCH, "step_cost.py"),
+        "--quick",
+        "--threads",
+        "1",
+        "--models",
+        "cnn",
+        "--methods",
+        "cholesky",
+        "eigen",
+        "--factor-dtypes",
+        "bfloat16",
+        "--warmup",
+        "2",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["method"], r["factor_dtype"]) for r in rows] == [("cholesky", "float32"), ("eigen", "float32"), ("eigen", "bfloat16")]
+    assert [(r["method"], r["factor_dtype"]) for r in rows] == [
+        ("cholesky", "float32"),
+        ("eigen", "float32"),
+        ("eigen", "bfloat16"),
+    ]
     for row in rows:
         assert row["kfac_ms"] > 0 and row["floor_ms"] > row["sgd_ms"] > 0
         assert set(row["floor_pieces_ms"]) == {"factors_ms", "decompositions_ms", "precondition_ms"}
@@ -103,10 +133,36 @@ def test_staleness_quick_run_on_generated_files(tmp_path):
 
     folder = write_fake_fashion(str(tmp_path / "fm"), n_train=700, n_test=100)
     out = tmp_path / "staleness.json"
-    cmd = [sys.executable, os.path.join(BENCH, "staleness.py"), "--steps", "12", "--seeds", "0", "--fixed", "4",
-           "--threshold", "0.1", "--start-interval", "4", "--min-interval", "2", "--max-interval", "8",
-           "--damping", "0.01", "--lr", "0.03", "--lr-schedule", "cosine", "--data-dir", folder, "--val-size", "100",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        os.path.join(BENCH, "staleness.py"),
+        "--steps",
+        "12",
+        "--seeds",
+        "0",
+        "--fixed",
+        "4",
+        "--threshold",
+        "0.1",
+        "--start-interval",
+        "4",
+        "--min-interval",
+        "2",
+        "--max-interval",
+        "8",
+        "--damping",
+        "0.01",
+        "--lr",
+        "0.03",
+        "--lr-schedule",
+        "cosine",
+        "--data-dir",
+        folder,
+        "--val-size",
+        "100",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     fixed, adaptive = json.loads(out.read_text())["runs"]
@@ -125,8 +181,18 @@ def test_staleness_verdict_picks_the_cheapest_fixed_interval_that_reaches_the_ad
     from staleness import verdicts
 
     def run(label, seed, inversions, acc, adaptive=None):
-        return {"label": label, "seed": seed, "steps": 100, "damping": 0.01, "lr_schedule": "cosine", "lr": 0.03,
-                "kl_clip": 1e-3, "layer_inversions": inversions, "test_acc": acc, "adaptive": adaptive}
+        return {
+            "label": label,
+            "seed": seed,
+            "steps": 100,
+            "damping": 0.01,
+            "lr_schedule": "cosine",
+            "lr": 0.03,
+            "kl_clip": 1e-3,
+            "layer_inversions": inversions,
+            "test_acc": acc,
+            "adaptive": adaptive,
+        }
 
     runs = [run("fixed-10", s, 400, 0.900) for s in (0, 1)]
     runs += [run("fixed-50", s, 80, a) for s, a in ((0, 0.897), (1, 0.898))]  # 0.8975: within 0.003 of 0.9

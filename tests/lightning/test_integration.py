@@ -9,8 +9,6 @@ multi-node checks live in ``test_multinode.py``.
 
 from __future__ import annotations
 
-import copy
-import math
 import warnings
 
 import pytest
@@ -21,13 +19,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kfac import KFACCallback, KFACDDPStrategy, KFACPreconditioner
 from tests.conftest import quiet_trainer
-from tests.scripts.kfac_lit import EvalProbe, SyntheticData, TinyNet, flat_params, recorded_now, running_factors, synthetic
+from lightning_kfac.testing.lightning import (
+    EvalProbe,
+    SyntheticData,
+    TinyNet,
+    flat_params,
+    running_factors,
+    synthetic,
+)
 
 LR = 0.1
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def make_trainer(strategy="kfac_ddp", callbacks=None, **kwargs) -> pl.Trainer:
@@ -94,13 +98,15 @@ def test_accumulated_micro_batches_give_the_update_of_one_big_batch(clean_proces
     k, micro, steps = 4, 8, 3
     data = SyntheticData(batch_size=micro, n=k * micro * steps, shuffle=False)
     model = Capture(lr=LR)
-    trainer = make_trainer(callbacks=[kfac_callback()], max_steps=steps, accumulate_grad_batches=k, use_distributed_sampler=False)
+    trainer = make_trainer(
+        callbacks=[kfac_callback()], max_steps=steps, accumulate_grad_batches=k, use_distributed_sampler=False
+    )
     trainer.fit(model, datamodule=data)
 
     full = synthetic(k * micro * steps)
     big = [(full.tensors[0][i * 32 : (i + 1) * 32], full.tensors[1][i * 32 : (i + 1) * 32]) for i in range(steps)]
     ref_grads, ref_params, _ = reference_loop(big)
-    errors = [rel(g, r) for g, r in zip(model.grads, ref_grads)]
+    errors = [rel(g, r) for g, r in zip(model.grads, ref_grads, strict=True)]
     print("accumulation: relative error of the preconditioned update per step", errors)
     assert len(model.grads) == steps
     assert max(errors) <= 1e-5, errors
@@ -115,7 +121,9 @@ def test_short_last_accumulation_window_gives_the_factors_of_its_own_batch(clean
     micro = 8
     data = SyntheticData(batch_size=micro, n=5 * micro, shuffle=False)
     model = Capture(lr=LR)
-    trainer = make_trainer(callbacks=[kfac_callback()], max_epochs=1, accumulate_grad_batches=2, use_distributed_sampler=False)
+    trainer = make_trainer(
+        callbacks=[kfac_callback()], max_epochs=1, accumulate_grad_batches=2, use_distributed_sampler=False
+    )
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 3
     x, y = synthetic(5 * micro).tensors
@@ -202,7 +210,10 @@ def test_16_mixed_step_skipped_by_the_scaler_updates_no_factor(clean_process_gro
     model = Overflow(lr=LR)
     # factor_decay > 0: an update would move the running averages; inversions every step
     trainer = make_trainer(
-        callbacks=[kfac_callback(factor_decay=0.5), Watch()], max_steps=5, plugins=[_fp16_plugin()], use_distributed_sampler=False
+        callbacks=[kfac_callback(factor_decay=0.5), Watch()],
+        max_steps=5,
+        plugins=[_fp16_plugin()],
+        use_distributed_sampler=False,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -246,7 +257,9 @@ def test_gradient_clip_val_clips_the_preconditioned_gradient(clean_process_group
     steps, clip = 3, 0.05
     data = SyntheticData(batch_size=32, n=96, shuffle=False)
     model = Capture(lr=LR)
-    trainer = make_trainer(callbacks=[kfac_callback()], max_steps=steps, gradient_clip_val=clip, use_distributed_sampler=False)
+    trainer = make_trainer(
+        callbacks=[kfac_callback()], max_steps=steps, gradient_clip_val=clip, use_distributed_sampler=False
+    )
     trainer.fit(model, datamodule=data)
     x, y = synthetic(96).tensors
     batches = [(x[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32]) for i in range(steps)]
@@ -283,7 +296,11 @@ def _resume_run(ckpt_dir, ckpt_path=None, epochs=3):
     model = TinyNet(lr=LR, momentum=0.9, seed=0 if ckpt_path is None else 123)
     final = FinalStateProbe()
     trainer = make_trainer(
-        callbacks=[KFACCallback(**RESUME_KFAC), ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1), final],
+        callbacks=[
+            KFACCallback(**RESUME_KFAC),
+            ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1),
+            final,
+        ],
         max_epochs=epochs,
         enable_checkpointing=True,
     )
@@ -453,8 +470,9 @@ def test_bad_strategy_arguments_name_the_argument(kwargs, match):
 # --- the lightning.pytorch namespace ------------------------------------------------------------
 def test_lightning_pytorch_namespace(clean_process_group):
     L = pytest.importorskip("lightning.pytorch", reason="the `lightning` package is not installed")
-    import lightning_kfac
     from lightning.pytorch.strategies import StrategyRegistry as LRegistry
+
+    import lightning_kfac
 
     bound = lightning_kfac.lightning_pytorch
     assert LRegistry["kfac_ddp"]["strategy"] is bound.KFACDDPStrategy
@@ -480,7 +498,11 @@ def test_lightning_pytorch_namespace(clean_process_group):
     common = dict(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)  # fmt: skip
     model = LNet()
-    trainer = L.Trainer(strategy="kfac_ddp", callbacks=[bound.KFACCallback(damping=1e-2, inv_update_freq=1, factor_decay=0.0, kl_clip=None)], **common)
+    trainer = L.Trainer(
+        strategy="kfac_ddp",
+        callbacks=[bound.KFACCallback(damping=1e-2, inv_update_freq=1, factor_decay=0.0, kl_clip=None)],
+        **common,
+    )
     assert isinstance(trainer.strategy, bound.KFACDDPStrategy)
     trainer.fit(model, loader)
     batches = [(x[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32]) for i in range(3)]

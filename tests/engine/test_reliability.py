@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_kfac import KFACConfig, KFACPreconditioner
 from lightning_kfac.testing.distributed import run_distributed
-from tests.models import MLP, SmallCNN, cnn_batches
+from lightning_kfac.testing.models import MLP, SmallCNN, cnn_batches
 
 # --- bad input ---------------------------------------------------------------------------------
 BAD_PRECONDITIONER_ARGS = [
@@ -33,7 +33,11 @@ BAD_PRECONDITIONER_ARGS = [
     ({"inverse_method": "svd"}, ValueError, r"inverse_method must be one of 'eigen', 'cholesky'; got 'svd'"),
     ({"factor_dtype": "int32"}, ValueError, r"factor_dtype must be one of the float dtypes .*; got 'int32'"),
     ({"factor_dtype": torch.int64}, ValueError, r"factor_dtype must be one of the float dtypes .*; got torch.int64"),
-    ({"inverse_dtype": torch.float16}, ValueError, r"inverse_dtype must be one of the float dtypes float32, float64; got torch.float16"),
+    (
+        {"inverse_dtype": torch.float16},
+        ValueError,
+        r"inverse_dtype must be one of the float dtypes float32, float64; got torch.float16",
+    ),
     ({"comm_dtype": "float8"}, ValueError, r"comm_dtype must be one of the float dtypes .*; got 'float8'"),
     ({"grad_worker_fraction": 0}, ValueError, r"grad_worker_fraction must be in \(0, 1\], got 0.0"),
     ({"grad_worker_fraction": 1.5}, ValueError, r"grad_worker_fraction must be in \(0, 1\], got 1.5"),
@@ -41,14 +45,24 @@ BAD_PRECONDITIONER_ARGS = [
     ({"bucket_cap_mb": 0}, ValueError, r"bucket_cap_mb must be a finite number > 0, got 0"),
     ({"skip_layers": ["fc("]}, ValueError, r"skip_layers entry 'fc\(' is not a valid regular expression"),
     ({"skip_layers": [3]}, TypeError, r"skip_layers must be a list of module names or regular expressions, got \[3\]"),
-    ({"split_factors": True, "grad_worker_fraction": 0.5}, ValueError, r"split_factors=True needs grad_worker_fraction=1"),
-    ({"split_factors": True, "inverse_method": "cholesky"}, ValueError, r"split_factors=True is only available with inverse_method='eigen'"),
+    (
+        {"split_factors": True, "grad_worker_fraction": 0.5},
+        ValueError,
+        r"split_factors=True needs grad_worker_fraction=1",
+    ),
+    (
+        {"split_factors": True, "inverse_method": "cholesky"},
+        ValueError,
+        r"split_factors=True is only available with inverse_method='eigen'",
+    ),
     ({"symmetric_comm": "yes"}, TypeError, r"symmetric_comm must be a bool, got 'yes'"),
     ({"lr_schedule": 0.1}, TypeError, r"unexpected keyword argument 'lr_schedule'.*options are: inverse_method"),
 ]
 
 
-@pytest.mark.parametrize("kwargs,error,message", BAD_PRECONDITIONER_ARGS, ids=[str(k) for k, _, _ in BAD_PRECONDITIONER_ARGS])
+@pytest.mark.parametrize(
+    "kwargs,error,message", BAD_PRECONDITIONER_ARGS, ids=[str(k) for k, _, _ in BAD_PRECONDITIONER_ARGS]
+)
 def test_bad_argument_is_named_with_its_value_and_what_is_allowed(kwargs, error, message):
     with pytest.raises(error, match=message):
         KFACPreconditioner(MLP(), **kwargs)
@@ -143,7 +157,7 @@ def test_layer_that_never_had_a_decomposition_falls_back_to_its_plain_gradient(m
     F.cross_entropy(model(x), y).backward()
     plain = [p.grad.clone() for p in model.parameters()]
     pre.step()
-    assert all(torch.equal(a, p.grad) for a, p in zip(plain, model.parameters()))
+    assert all(torch.equal(a, p.grad) for a, p in zip(plain, model.parameters(), strict=True))
     assert pre.decomposition_failures == 3
 
 

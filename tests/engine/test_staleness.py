@@ -84,7 +84,9 @@ def test_damped_change_is_measured_against_the_damped_factor():
         assert float(corrected_relative_change(new, old, 0.0, 0.9, 5, shift)) == pytest.approx(expected, rel=1e-12)
     # a diagonal factor given as a vector: the same as its matrix
     diagonal = torch.rand(5, generator=generator, dtype=torch.float64) + 0.1
-    assert float(shifted_norm(diagonal, 0.7)) == pytest.approx(float(torch.linalg.matrix_norm(torch.diag(diagonal + 0.7))), rel=1e-12)
+    assert float(shifted_norm(diagonal, 0.7)) == pytest.approx(
+        float(torch.linalg.matrix_norm(torch.diag(diagonal + 0.7))), rel=1e-12
+    )
     # a shift far beyond the factor (a factor near zero gets a huge share of the damping) stays finite
     assert float(shifted_norm(old, 1e200)) == pytest.approx(1e200 * math.sqrt(6), rel=1e-12)
     # damping that dwarfs the factor makes its change negligible
@@ -100,7 +102,9 @@ def test_intervals_grow_while_factors_are_stable_and_stop_at_max():
 
 
 def test_intervals_shrink_when_factors_change_again_and_stop_at_min():
-    state = LayerStaleness(StalenessConfig(threshold=0.05, min_interval=2, max_interval=100, shrink=0.5), inverse_interval=80)
+    state = LayerStaleness(
+        StalenessConfig(threshold=0.05, min_interval=2, max_interval=100, shrink=0.5), inverse_interval=80
+    )
     assert [state.observe(0.5) for _ in range(6)] == [40, 20, 10, 5, 2, 2]
     reset = LayerStaleness(StalenessConfig(threshold=0.05, min_interval=3, shrink=0.0), inverse_interval=64)
     assert reset.observe(1.0) == 3  # shrink=0: straight back to min_interval
@@ -220,10 +224,10 @@ def test_synthetic_sequence_intervals_grow_as_factors_settle_and_shrink_on_a_shi
     config = StalenessConfig(threshold=0.05, min_interval=2, max_interval=256)
     inversions, intervals = _simulate(factor_at, config, 4000)
     assert all(config.min_interval <= i <= config.max_interval for i in intervals)
-    before_shift = [i for s, i in zip(inversions, intervals) if s < 2000]
+    before_shift = [i for s, i in zip(inversions, intervals, strict=True) if s < 2000]
     assert before_shift[-1] == config.max_interval  # settled: grown to the cap
     assert max(before_shift[:10]) == 10  # early, fast drift: no growth yet
-    right_after = [i for s, i in zip(inversions, intervals) if 2000 <= s < 2300]
+    right_after = [i for s, i in zip(inversions, intervals, strict=True) if 2000 <= s < 2300]
     assert min(right_after) <= 16  # the jump shrank it
     assert intervals[-1] == config.max_interval  # and it grew back
     # far fewer inversions than the fixed interval of 10 over the same run

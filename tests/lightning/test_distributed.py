@@ -16,7 +16,18 @@ SCRIPT = os.path.join(ROOT, "tests", "scripts", "fit_global_batch.py")
 
 def _fit(out, devices: int, fraction: float, method: str) -> list[torch.Tensor]:
     os.makedirs(out, exist_ok=True)
-    cmd = [sys.executable, SCRIPT, "--out", str(out), "--devices", str(devices), "--fraction", str(fraction), "--method", method]
+    cmd = [
+        sys.executable,
+        SCRIPT,
+        "--out",
+        str(out),
+        "--devices",
+        str(devices),
+        "--fraction",
+        str(fraction),
+        "--method",
+        method,
+    ]
     proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(devices)]

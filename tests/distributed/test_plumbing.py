@@ -13,7 +13,7 @@ from lightning_kfac import KFACPreconditioner
 from lightning_kfac.distributed import LayerShape, WorkPlan, balance_lower_bound
 from lightning_kfac.distributed.assignment import factor_cost, lpt_assign
 from lightning_kfac.testing.distributed import run_distributed
-from tests.models import MLP, SmallCNN, cnn_batches
+from lightning_kfac.testing.models import MLP, SmallCNN, cnn_batches
 
 
 # --- balance (pure) ----------------------------------------------------------------------------
@@ -91,8 +91,12 @@ def measure(rank, world_size, symmetric: bool, wire: str | None):
     model = MLP((64, 96, 96, 10))
     gen = torch.Generator().manual_seed(rank)
     pre, launched = _two_steps(
-        rank, world_size, model, lambda s, r: (torch.randn(16, 64, generator=gen), torch.randn(16, 10, generator=gen)),
-        symmetric_comm=symmetric, comm_dtype=wire,
+        rank,
+        world_size,
+        model,
+        lambda s, r: (torch.randn(16, 64, generator=gen), torch.randn(16, 10, generator=gen)),
+        symmetric_comm=symmetric,
+        comm_dtype=wire,
     )
     params = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     return pre.bytes_by_kind()["factor_reduce"], launched, params
@@ -145,7 +149,10 @@ def overlap_on_off(rank, world_size):
         model = SmallCNN()
         batches = cnn_batches(3, 8, torch.float32)
         pre, launched = _two_steps(
-            rank, world_size, model, lambda s, r: (batches[s][0][4 * r : 4 * r + 4], torch.randn(4, 5)),
+            rank,
+            world_size,
+            model,
+            lambda s, r: (batches[s][0][4 * r : 4 * r + 4], torch.randn(4, 5)),
             overlap_factor_comm=overlap,
         )
         results.append((torch.cat([a.reshape(-1) for a, _ in pre.factors().values() if a is not None]), launched))

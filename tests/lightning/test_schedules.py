@@ -134,7 +134,13 @@ def test_callback_accepts_constants_callables_and_schedules():
         kl_clip=None,
     )
     hp = cb.hyperparameters(0)
-    assert hp == {"damping": 1e-2, "factor_update_freq": 2, "inv_update_freq": 100, "factor_decay": 0.9, "kl_clip": None}
+    assert hp == {
+        "damping": 1e-2,
+        "factor_update_freq": 2,
+        "inv_update_freq": 100,
+        "factor_decay": 0.9,
+        "kl_clip": None,
+    }
     later = cb.hyperparameters(200)
     assert later["damping"] == 1e-3 and later["factor_decay"] == pytest.approx(0.99)
     freqs = [cb.hyperparameters(10 * k)["inv_update_freq"] for k in range(10)]
@@ -201,7 +207,7 @@ def test_callback_state_round_trips_schedules_through_weights_only():
 
 
 def test_callables_are_not_checkpointed_and_the_current_one_is_kept():
-    fn = lambda step: 0.5  # noqa: E731
+    fn = lambda step: 0.5
     cb = KFACCallback(damping=fn)
     state = _weights_only_round_trip(cb.state_dict())
     other = KFACCallback(damping=lambda step: 0.25)
@@ -223,7 +229,9 @@ def test_the_adaptive_policy_round_trips_and_older_checkpoints_keep_their_measur
     del old["damped"], old["noise_corrected"], old["probe_after"]
     restored = KFACCallback(adaptive=StalenessConfig())
     restored.load_state_dict({**state, "adaptive": old})
-    assert restored.adaptive == StalenessConfig(threshold=0.05, max_interval=80, max_factor_interval=4, damped=False, noise_corrected=False)
+    assert restored.adaptive == StalenessConfig(
+        threshold=0.05, max_interval=80, max_factor_interval=4, damped=False, noise_corrected=False
+    )
     # a key from a newer version is dropped with a warning, the rest is kept
     with pytest.warns(UserWarning, match="future_switch"):
         restored.load_state_dict({**state, "adaptive": {**state["adaptive"], "future_switch": 1}})
@@ -232,8 +240,16 @@ def test_the_adaptive_policy_round_trips_and_older_checkpoints_keep_their_measur
 
 def test_first_format_checkpoints_still_load():
     cb = KFACCallback()
-    cb.load_state_dict({"damping": 0.02, "factor_update_freq": 2, "inv_update_freq": 5, "factor_decay": 0.9, "kl_clip": None})
-    assert cb.hyperparameters(0) == {"damping": 0.02, "factor_update_freq": 2, "inv_update_freq": 5, "factor_decay": 0.9, "kl_clip": None}
+    cb.load_state_dict(
+        {"damping": 0.02, "factor_update_freq": 2, "inv_update_freq": 5, "factor_decay": 0.9, "kl_clip": None}
+    )
+    assert cb.hyperparameters(0) == {
+        "damping": 0.02,
+        "factor_update_freq": 2,
+        "inv_update_freq": 5,
+        "factor_decay": 0.9,
+        "kl_clip": None,
+    }
 
 
 # --- the two damping one-liners (README "Tuning and monitoring") --------------------------------
@@ -241,7 +257,9 @@ def test_the_documented_damping_one_liners():
     # KAISA examples: damping 0.003, halved at epochs 40 and 80
     kaisa = KFACCallback(damping=StepDecay(initial=0.003, milestones=[40, 80], gamma=0.5, unit="epoch"))
     kaisa.bind_steps_per_epoch(100)
-    assert [kaisa.hyperparameters(s)["damping"] for s in (0, 3999, 4000, 8000)] == pytest.approx([3e-3, 3e-3, 1.5e-3, 7.5e-4])
+    assert [kaisa.hyperparameters(s)["damping"] for s in (0, 3999, 4000, 8000)] == pytest.approx(
+        [3e-3, 3e-3, 1.5e-3, 7.5e-4]
+    )
     # Osawa et al.: damping starts large and decays exponentially, per epoch, to its target
     osawa = KFACCallback(damping=ExponentialDecay(initial=2.5e-2, rate=0.5, floor=2.5e-4, unit="epoch"))
     osawa.bind_steps_per_epoch(100)
@@ -293,7 +311,7 @@ def test_custom_schedule_subclass_works_in_the_callback():
             self.start = start
 
         def value_at(self, t: float) -> float:
-            return self.start / 2 ** t
+            return self.start / 2**t
 
         def extremes(self):
             return (self.start,)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_kfac import KFACPreconditioner
-from tests.models import SmallCNN
+from lightning_kfac.testing.models import SmallCNN
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +72,7 @@ def _conv_factors_by_loops(conv, x, gy):
         for pos in _positions(out_shape):
             slices = tuple(
                 slice(p * s, p * s + d * (k - 1) + 1, d)
-                for p, s, d, k in zip(pos, conv.stride, conv.dilation, conv.kernel_size)
+                for p, s, d, k in zip(pos, conv.stride, conv.dilation, conv.kernel_size, strict=True)
             )
             patch = xp[(b, slice(None)) + slices].reshape(-1)
             if conv.bias is not None:
@@ -95,7 +95,10 @@ def _positions(shape):
     [
         (lambda: nn.Conv1d(2, 3, kernel_size=3, stride=2, padding=1, dilation=1), (3, 2, 9)),
         (lambda: nn.Conv1d(2, 3, kernel_size=2, stride=1, padding=2, dilation=2, bias=False), (2, 2, 7)),
-        (lambda: nn.Conv3d(2, 3, kernel_size=(2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2)), (2, 2, 4, 5, 5)),
+        (
+            lambda: nn.Conv3d(2, 3, kernel_size=(2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2)),
+            (2, 2, 4, 5, 5),
+        ),
     ],
 )
 def test_conv1d_and_conv3d_factors_equal_per_position_loops(conv, shape):
@@ -134,7 +137,9 @@ def test_embedding_diagonal_a_and_step_equal_explicit_solve(method, padding_idx)
     (emb(tokens).sin().sum() / batch).backward()
     v = emb.weight.grad.T.clone()  # (dim, vocab): out x in
     pre.step()
-    keep = tokens.reshape(-1) != padding_idx if padding_idx is not None else torch.ones(batch * length, dtype=torch.bool)
+    keep = (
+        tokens.reshape(-1) != padding_idx if padding_idx is not None else torch.ones(batch * length, dtype=torch.bool)
+    )
     counts = torch.bincount(tokens.reshape(-1)[keep], minlength=vocab).double()
     expected_a = counts / keep.sum()
     gy = grads[0].reshape(-1, dim)[keep]

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from tests.conftest import ROOT, script_env
 from lightning_kfac.testing.distributed import free_port
+from tests.conftest import ROOT, script_env
 
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "fault_run.py")
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -23,12 +23,22 @@ KILL_AT_STEP = 7  # in epoch 2 (3 optimizer steps an epoch), after the epoch-1 c
 
 def _torchrun(out, *args: str, restarts: int = 0) -> subprocess.Popen:
     cmd = [
-        TORCHRUN, "--nnodes=1", "--nproc_per_node=2", f"--max-restarts={restarts}", "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}", SCRIPT, "--out", str(out), *args,
+        TORCHRUN,
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        f"--max-restarts={restarts}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        SCRIPT,
+        "--out",
+        str(out),
+        *args,
     ]
     env = script_env(GLOO_SOCKET_IFNAME="lo")
     # a session of its own, so that a failing test can end torchrun and its workers together
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -87,7 +97,9 @@ def test_killed_rank_restarts_and_resumes_with_its_kfac_state(tmp_path):
 
 def test_checkpoint_written_while_a_rank_lags_holds_every_owners_factors(tmp_path):
     script = os.path.join(ROOT, "tests", "scripts", "lagging_checkpoint.py")
-    proc = subprocess.run([sys.executable, script, "--out", str(tmp_path)], env=script_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, script, "--out", str(tmp_path)], env=script_env(), capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # rank 0 wrote only after the lagging rank caught up (the K-FAC state is gathered collectively)
     waited = float((tmp_path / "saved.txt").read_text()) - float((tmp_path / "step-end.txt").read_text())

@@ -22,9 +22,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.conftest import ROOT, script_env
 from lightning_kfac.testing.distributed import free_port
-from tests.scripts.kfac_lit import ACCUMULATE, EvalProbe, FinalState, flat_params, multi_run
+from tests.conftest import ROOT, script_env
+from lightning_kfac.testing.lightning import ACCUMULATE, FinalState, flat_params, multi_run
 
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "kfac_multi.py")
 
@@ -69,7 +69,17 @@ def two_processes(tmp_path_factory, one_process):
     """One launch: a fresh 2-process run, then the same run resumed from the 1-process epoch-0
     checkpoint."""
     out = tmp_path_factory.mktemp("two")
-    cmd = [sys.executable, SCRIPT, "--out", str(out), "--devices", "2", "--resume", str(one_process["ckpt"] / EPOCH0), "--amp"]
+    cmd = [
+        sys.executable,
+        SCRIPT,
+        "--out",
+        str(out),
+        "--devices",
+        "2",
+        "--resume",
+        str(one_process["ckpt"] / EPOCH0),
+        "--amp",
+    ]
     proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {
@@ -100,7 +110,9 @@ def test_two_processes_train_like_one_process_on_the_same_global_batches(one_pro
     assert torch.equal(rank0["params"], rank1["params"])
     assert rank0["global_step"] == one_process["global_step"] == 6
     diff = _max_diff(rank0["params"], one_process["params"])
-    print(f"2 processes vs 1: max abs parameter diff {diff:.2e}, factor rel diff {_factor_diff(rank0['kfac'], one_process['kfac']):.2e}")
+    print(
+        f"2 processes vs 1: max abs parameter diff {diff:.2e}, factor rel diff {_factor_diff(rank0['kfac'], one_process['kfac']):.2e}"
+    )
     assert diff <= 1e-9
     assert _factor_diff(rank0["kfac"], one_process["kfac"]) <= 1e-9
 
@@ -120,7 +132,9 @@ def test_resume_two_to_one_device_continues_the_run_and_keeps_every_factor(two_p
     torch.save(stripped, tmp_path / "stripped.ckpt")
     control = _fit_in_process(tmp_path / "control", ckpt_path=str(tmp_path / "stripped.ckpt"))
     control_diff = _max_diff(control["params"], reference["params"])
-    print(f"resume 2->1: max abs parameter diff {diff:.2e} (factor rel diff {factor_diff:.2e}); without the K-FAC state {control_diff:.2e}")
+    print(
+        f"resume 2->1: max abs parameter diff {diff:.2e} (factor rel diff {factor_diff:.2e}); without the K-FAC state {control_diff:.2e}"
+    )
     assert diff <= 1e-9 and factor_diff <= 1e-9
     assert control_diff > 1e-4
 
@@ -197,7 +211,7 @@ def test_torchrun_two_nodes_equal_one_node_two_processes(two_processes, tmp_path
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-    for proc, output in zip(procs, outputs):
+    for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-4000:]
     ranks = [_load(tmp_path / f"node{r}" / f"fresh-rank{r}.pt") for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.engine.staleness import StalenessConfig
 from lightning_kfac.testing.distributed import run_distributed
-from tests.models import MLP, SmallCNN, cnn_batches
+from lightning_kfac.testing.models import MLP, SmallCNN, cnn_batches
 
 
 def _run(model, pre, batches, net=None, rank=0, world=1):
@@ -47,7 +47,9 @@ def test_sampling_noise_alone_does_not_hold_a_wide_layer_at_short_intervals():
     # but each batch factor is a poor estimate, so the running averages keep moving by noise.
     # Raw changes stay above the threshold at every interval; net of noise they fall below it.
     generator = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(8, 64, generator=generator), torch.randint(0, 10, (8,), generator=generator)) for _ in range(200)]
+    batches = [
+        (torch.randn(8, 64, generator=generator), torch.randint(0, 10, (8,), generator=generator)) for _ in range(200)
+    ]
     intervals = {}
     for corrected in (False, True):
         torch.manual_seed(0)
@@ -66,13 +68,18 @@ def test_damped_changes_let_layers_go_stale_where_damping_dominates(method):
     # the preconditioner (nearly) damping^-1 I, whatever the factors do, so their changes do
     # not matter; measured against the damped factors they fall below the threshold
     generator = torch.Generator().manual_seed(5)
-    batches = [(torch.randn(16, 64, generator=generator) * (1.0 + (i % 4)), torch.randint(0, 10, (16,), generator=generator)) for i in range(120)]
+    batches = [
+        (torch.randn(16, 64, generator=generator) * (1.0 + (i % 4)), torch.randint(0, 10, (16,), generator=generator))
+        for i in range(120)
+    ]
     intervals = {}
     for damped in (False, True):
         torch.manual_seed(0)
         model = MLP()
         pre = KFACPreconditioner(model, kl_clip=None, damping=100.0, inv_update_freq=4, inverse_method=method)
-        pre.staleness = StalenessConfig(threshold=0.05, min_interval=4, max_interval=64, noise_corrected=False, damped=damped)
+        pre.staleness = StalenessConfig(
+            threshold=0.05, min_interval=4, max_interval=64, noise_corrected=False, damped=damped
+        )
         _run(model, pre, batches)
         intervals[damped] = [t.inverse_interval for t in pre.staleness_states.values()]
     assert max(intervals[False]) <= 8, intervals
@@ -103,11 +110,16 @@ def test_the_measured_change_is_that_of_the_damped_factors(noise_corrected):
                 root = math.sqrt(damping)
                 eye_a, eye_g = torch.eye(a.shape[0], dtype=torch.float64), torch.eye(g.shape[0], dtype=torch.float64)
                 changes = []
-                for which, new, old, damped in (("a", a, a_old, a_old + pi * root * eye_a), ("g", g, g_old, g_old + root / pi * eye_g)):
+                for which, new, old, damped in (
+                    ("a", a, a_old, a_old + pi * root * eye_a),
+                    ("g", g, g_old, g_old + root / pi * eye_g),
+                ):
                     moved_sq = float(torch.linalg.matrix_norm(new.double() - old)) ** 2
                     if noise_corrected:
                         total, finite, updates = pre.schedule.deviation[(name, which)]
-                        moved_sq = max(0.0, moved_sq - (1 - decay) * (1 - decay**updates) * float(total) / float(finite))
+                        moved_sq = max(
+                            0.0, moved_sq - (1 - decay) * (1 - decay**updates) * float(total) / float(finite)
+                        )
                     changes.append(math.sqrt(moved_sq) / float(torch.linalg.matrix_norm(damped)))
                 expected[name] = max(changes)
             last[name] = (a.clone(), g.clone())
@@ -118,7 +130,9 @@ def test_the_measured_change_is_that_of_the_damped_factors(noise_corrected):
 
     pre.schedule.before_inversion = observe_and_check
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(16, 64, generator=generator), torch.randint(0, 10, (16,), generator=generator)) for _ in range(13)]
+    batches = [
+        (torch.randn(16, 64, generator=generator), torch.randint(0, 10, (16,), generator=generator)) for _ in range(13)
+    ]
     _run(model, pre, batches)
     assert len(checked) >= 3 * 3
 
@@ -153,7 +167,11 @@ def _adaptive_run(rank, world_size, fraction, config=None):
     model = SmallCNN().double()
     net = DistributedDataParallel(model) if world_size > 1 else model
     pre = KFACPreconditioner(
-        model, lr=0.1, inv_update_freq=2, factor_dtype=torch.float64, inverse_dtype=torch.float64,
+        model,
+        lr=0.1,
+        inv_update_freq=2,
+        factor_dtype=torch.float64,
+        inverse_dtype=torch.float64,
         grad_worker_fraction=fraction,
     )
     pre.staleness = config or StalenessConfig(threshold=0.2, min_interval=2, max_interval=8)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from lightning_kfac import KFACPreconditioner
-from tests.models import MLP
+from lightning_kfac.testing.models import MLP
 
 STEPS = 60
 BATCH = 64

@@ -35,7 +35,9 @@ QUICK = [
 
 
 def _checkpoint(root) -> dict:
-    paths = [p for p in glob.glob(os.path.join(str(root), "**", "*.ckpt"), recursive=True) if not p.endswith("last.ckpt")]
+    paths = [
+        p for p in glob.glob(os.path.join(str(root), "**", "*.ckpt"), recursive=True) if not p.endswith("last.ckpt")
+    ]
     assert len(paths) == 1, paths
     return torch.load(paths[0], weights_only=True)
 
@@ -58,7 +60,15 @@ def test_console_script_runs_the_digits_config_on_two_processes(tmp_path):
 
 def test_python_dash_m_runs_the_digits_config(tmp_path, monkeypatch, clean_process_group):
     """``python -m lightning_kfac`` (its __main__, in-process: one device, nothing re-executed)."""
-    argv = ["lightning_kfac", "fit", "--config", DIGITS, *QUICK, "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}"]
+    argv = [
+        "lightning_kfac",
+        "fit",
+        "--config",
+        DIGITS,
+        *QUICK,
+        "--trainer.devices=1",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.chdir(ROOT)
     runpy.run_module("lightning_kfac", run_name="__main__", alter_sys=False)
@@ -84,11 +94,22 @@ def test_plain_lightning_cli_with_class_path(tmp_path, monkeypatch, clean_proces
     _assert_kfac_ran(_checkpoint(tmp_path), 3)
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_DATA), reason=f"Fashion-MNIST not installed at {FASHION_DATA} (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not os.path.isdir(FASHION_DATA),
+    reason=f"Fashion-MNIST not installed at {FASHION_DATA} (apt-get install dataset-fashion-mnist)",
+)
 def test_fashion_mnist_cnn_config_parses_and_runs(tmp_path, monkeypatch, clean_process_group):
     monkeypatch.chdir(ROOT)
     cli = run_cli(
-        ["fit", "--config", FASHION, *QUICK, "--trainer.accelerator=cpu", "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}"]
+        [
+            "fit",
+            "--config",
+            FASHION,
+            *QUICK,
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
     )
     assert isinstance(cli.trainer.strategy, lightning_kfac.KFACDDPStrategy)
     callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, lightning_kfac.KFACCallback))
@@ -110,6 +131,8 @@ def test_configs_parse_with_the_strategy_string_and_class_path(tmp_path, monkeyp
 def test_bad_strategy_option_in_a_config_names_the_option(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     bad = tmp_path / "bad.yaml"
-    bad.write_text("trainer:\n  strategy:\n    class_path: lightning_kfac.KFACDDPStrategy\n    init_args:\n      inverse_method: svd\n")
+    bad.write_text(
+        "trainer:\n  strategy:\n    class_path: lightning_kfac.KFACDDPStrategy\n    init_args:\n      inverse_method: svd\n"
+    )
     with pytest.raises(ValueError, match=r"inverse_method.*'eigen'.*'cholesky'"):
         run_cli(["--config", DIGITS, "--config", str(bad)], run=False)

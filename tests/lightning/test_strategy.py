@@ -10,13 +10,12 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
+from digits import DigitsClassifier, DigitsDataModule
 from pytorch_lightning.strategies import StrategyRegistry
 
 import lightning_kfac
 from lightning_kfac import KFACCallback, KFACDDPStrategy
 from tests.conftest import ROOT, quiet_trainer, script_env
-
-from digits import DigitsClassifier, DigitsDataModule
 
 
 def _trainer(strategy, **kwargs) -> pl.Trainer:

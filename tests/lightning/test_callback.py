@@ -14,6 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from digits import DigitsClassifier, DigitsDataModule
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
@@ -26,9 +27,7 @@ from lightning_kfac.engine.report import format_bytes as _bytes
 from lightning_kfac.engine.staleness import LayerStaleness, StalenessConfig
 from lightning_kfac.schedules import LinearWarmup, StepDecay
 from tests.conftest import quiet_trainer
-from tests.models import MLP, SmallCNN
-
-from digits import DigitsClassifier, DigitsDataModule
+from lightning_kfac.testing.models import MLP, SmallCNN
 
 TIME_KEYS = ("kfac/time_factors_ms", "kfac/time_inverse_ms", "kfac/time_precondition_ms")
 REQUIRED_KEYS = (
@@ -117,7 +116,9 @@ class _MixedNet(pl.LightningModule):
 
 def test_fit_start_summary_is_printed_and_right_and_diagnostics_are_logged(tmp_path, clean_process_group, caplog):
     pl.seed_everything(0)
-    callback = KFACCallback(inv_update_freq=2, diagnostics=True, exact_timings=True, adaptive=StalenessConfig(threshold=0.1, probe_after=2))
+    callback = KFACCallback(
+        inv_update_freq=2, diagnostics=True, exact_timings=True, adaptive=StalenessConfig(threshold=0.1, probe_after=2)
+    )
     trainer = _trainer(callbacks=[callback], logger=CSVLogger(str(tmp_path)), log_every_n_steps=2, max_steps=4)
     with caplog.at_level(logging.INFO):
         _fit(trainer, _MixedNet())
@@ -126,7 +127,11 @@ def test_fit_start_summary_is_printed_and_right_and_diagnostics_are_logged(tmp_p
     assert text is not None
     assert any(r.getMessage() == text for r in caplog.records)  # printed at fit start (rank zero, INFO)
     assert "3 layer(s) preconditioned, 2 skipped | world size 1, COMM-OPT" in text
-    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  ") and not line.startswith("    ")}
+    rows = {
+        line.split()[0]: line.split()
+        for line in text.splitlines()
+        if line.startswith("  ") and not line.startswith("    ")
+    }
     # name, kind, A, G, owner A/G, workers
     assert rows["conv"] == ["conv", "Conv2d", "10x10", "4x4", "0/0", "0"]
     assert rows["fc"] == ["fc", "Linear", "145x145", "8x8", "0/0", "0"]
@@ -134,7 +139,11 @@ def test_fit_start_summary_is_printed_and_right_and_diagnostics_are_logged(tmp_p
     skipped = {line.split()[0]: line for line in text.splitlines() if line.startswith("    ")}
     assert "groups=2" in skipped["grouped"] and "Conv2d" in skipped["grouped"]
     assert "frozen" in skipped["frozen"] and "requires_grad=False" in skipped["frozen"]
-    assert "adaptive intervals: threshold 0.1" in text and "change of the damped factors net of sampling noise, probe_after=2: a run of 2 changes in the hold band grows the interval" in text
+    assert (
+        "adaptive intervals: threshold 0.1" in text
+        and "change of the damped factors net of sampling noise, probe_after=2: a run of 2 changes in the hold band grows the interval"
+        in text
+    )
     # memory: float32 running factors + step accumulators + eigen decompositions (q, d, 1/(dd^T+l))
     dims = [(10, 4), (145, 8), (9, 3)]
     total = sum(2 * 4 * (a * a + g * g) + 4 * (a * a + a + g * g + g + g * a) for a, g in dims)
@@ -160,7 +169,12 @@ def test_summary_for_two_ranks_shows_owners_and_per_rank_memory():
     for name, layer in pre.layers.items():
         (line,) = [ln for ln in text.splitlines() if ln.split()[:1] == [name]]
         owner = plan.a_owner[name]
-        assert line.split()[2:] == [f"{layer.a_dim}x{layer.a_dim}", f"{layer.g_dim}x{layer.g_dim}", f"{owner}/{owner}", str(owner)]
+        assert line.split()[2:] == [
+            f"{layer.a_dim}x{layer.a_dim}",
+            f"{layer.g_dim}x{layer.g_dim}",
+            f"{owner}/{owner}",
+            str(owner),
+        ]
     assert len({plan.a_owner[n] for n in pre.layers}) == 2  # both ranks own layers
     memory = estimated_memory(pre, plan)
     every_factor = sum(4 * (l.a_dim**2 + l.g_dim**2) for l in pre.layers.values())
@@ -199,7 +213,9 @@ def test_layer_statistics_traces_condition_numbers_and_intervals():
 
 # --- adaptive policy handed to the engine -------------------------------------------------------
 def _fake_preconditioner(**extra):
-    return types.SimpleNamespace(damping=None, factor_update_freq=None, inv_update_freq=None, factor_decay=None, kl_clip=None, **extra)
+    return types.SimpleNamespace(
+        damping=None, factor_update_freq=None, inv_update_freq=None, factor_decay=None, kl_clip=None, **extra
+    )
 
 
 def test_apply_to_hands_the_adaptive_config_to_the_engine():

@@ -1,5 +1,5 @@
-"""Tiny Lightning modules, data and probes for the Lightning integration tests; imported by the
-in-process tests (``tests.scripts.kfac_lit``) and by the multi-process scripts next to it.
+"""Tiny Lightning modules, data, probes and a quiet Trainer for the Lightning tests; imported by the
+in-process tests and by the multi-process scripts under ``tests/scripts``.
 
 The data set has a fixed size that every world size used in the tests divides, so Lightning's
 ``DistributedSampler`` (seed 0, reshuffled each epoch) gives the same *global* batches on one
@@ -34,7 +34,9 @@ def synthetic(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tens
 
 
 class SyntheticData(pl.LightningDataModule):
-    def __init__(self, batch_size: int = 32, n: int = 192, shuffle: bool = True, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, batch_size: int = 32, n: int = 192, shuffle: bool = True, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         self.batch_size, self.n, self.shuffle, self.dtype = batch_size, n, shuffle, dtype
 
@@ -77,7 +79,9 @@ class TinyNet(pl.LightningModule):
     ) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, CLASSES))
+        self.net = nn.Sequential(
+            nn.Linear(FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, CLASSES)
+        )
         self.lr, self.momentum = lr, momentum
         self.eval_in_train_mode = eval_in_train_mode
         self.manual = manual
@@ -145,9 +149,25 @@ def flat_params(module: nn.Module) -> torch.Tensor:
 
 # --- probes ---------------------------------------------------------------------------------------
 _COLLECTIVES = (
-    "all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-    "reduce_scatter_tensor", "barrier", "scatter", "gather", "all_to_all", "all_to_all_single",
-    "send", "recv", "isend", "irecv", "new_group", "broadcast_object_list", "all_gather_object",
+    "all_reduce",
+    "reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "barrier",
+    "scatter",
+    "gather",
+    "all_to_all",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "new_group",
+    "broadcast_object_list",
+    "all_gather_object",
 )
 _KFAC_DIR = os.sep + "lightning_kfac" + os.sep
 
@@ -293,7 +313,14 @@ N_TRAIN = 192  # 6 global batches -> 3 optimizer steps per epoch
 ACCUMULATE = 2
 
 
-def multi_run(devices: int, out_dir: str, epochs: int, extra_callbacks: list | None = None, num_nodes: int = 1, **trainer_kwargs: Any):
+def multi_run(
+    devices: int,
+    out_dir: str,
+    epochs: int,
+    extra_callbacks: list | None = None,
+    num_nodes: int = 1,
+    **trainer_kwargs: Any,
+):
     """(model, datamodule, trainer) of the comparison run on ``devices`` processes on each of
     ``num_nodes`` nodes; a ModelCheckpoint writes ``<out_dir>/ckpt/epoch=E-step=S.ckpt`` after
     every epoch."""
@@ -304,7 +331,9 @@ def multi_run(devices: int, out_dir: str, epochs: int, extra_callbacks: list | N
     model = TinyNet(lr=0.1, momentum=0.9, eval_in_train_mode=True).double()
     data = SyntheticData(batch_size=GLOBAL_BATCH // (devices * num_nodes), n=N_TRAIN, dtype=torch.float64)
     callbacks = [
-        lightning_kfac.KFACCallback(damping=1e-2, factor_update_freq=1, inv_update_freq=2, factor_decay=0.9, kl_clip=1e-2),
+        lightning_kfac.KFACCallback(
+            damping=1e-2, factor_update_freq=1, inv_update_freq=2, factor_decay=0.9, kl_clip=1e-2
+        ),
         ModelCheckpoint(dirpath=os.path.join(out_dir, "ckpt"), every_n_epochs=1, save_top_k=-1),
         *(extra_callbacks or []),
     ]
@@ -374,3 +403,22 @@ class StepWatch(pl.Callback):
             "params": flat_params(pl_module),
             "scale": scaler.get_scale() if scaler is not None else None,
         }
+
+
+def quiet_trainer(**kwargs: Any):
+    """A one-process CPU Trainer without logger, checkpoints, progress bar or validation;
+    keyword arguments override these defaults."""
+    import pytorch_lightning as pl
+
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_kfac import KFACPreconditioner
-from tests.models import MLP
+from lightning_kfac.testing.models import MLP
 
 
 def _backward(model: nn.Module, batch: int = 8) -> None:
@@ -64,7 +64,7 @@ def test_remove_removes_every_hook_and_gradients_stay_plain():
     grads = [p.grad.clone() for p in model.parameters()]
     assert not _recorded(pre)
     pre.step()
-    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
 
 
 def test_discarded_preconditioner_is_collected_and_its_hooks_go():
@@ -127,4 +127,4 @@ def test_model_without_supported_layers_warns_and_passes_gradients_through():
     model(torch.randn(2, 4)).sum().backward()
     before = [p.grad.clone() for p in model.parameters()]
     pre.step(lr=0.1)
-    assert all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters()))
+    assert all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters(), strict=True))

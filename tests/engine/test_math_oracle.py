@@ -13,7 +13,6 @@ from lightning_kfac.engine import curvature
 from lightning_kfac.testing.oracles import conv2d_factors_by_positions
 
 
-
 @pytest.fixture(autouse=True)
 def _float64_default(float64_default):
     """Every test here runs with float64 as the default dtype."""
@@ -216,13 +215,17 @@ def test_conv2d_step_equals_kronecker_solve():
     conv = nn.Conv2d(2, 3, kernel_size=3, padding=1).double()
     x = torch.randn(4, 2, 5, 5)
     damping = 0.05
-    pre = KFACPreconditioner(conv, factor_dtype=torch.float64, inverse_dtype=torch.float64, kl_clip=None, damping=damping)
+    pre = KFACPreconditioner(
+        conv, factor_dtype=torch.float64, inverse_dtype=torch.float64, kl_clip=None, damping=damping
+    )
     (conv(x).tanh().sum() / 4).backward()
     v = torch.cat([conv.weight.grad.reshape(3, -1), conv.bias.grad[:, None]], dim=1).clone()
     pre.step()
     a, g = pre.factors()[""]
     out = torch.cat([conv.weight.grad.reshape(3, -1), conv.bias.grad[:, None]], dim=1)
-    expected = torch.linalg.solve(torch.kron(g, a) + damping * torch.eye(g.numel() // g.shape[0] * a.shape[0]), v.reshape(-1))
+    expected = torch.linalg.solve(
+        torch.kron(g, a) + damping * torch.eye(g.numel() // g.shape[0] * a.shape[0]), v.reshape(-1)
+    )
     assert _relative_error(out, expected.reshape(v.shape)) <= 1e-5
 
 

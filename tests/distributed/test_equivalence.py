@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.testing.distributed import run_distributed
-from tests.models import SmallCNN, cnn_batches
+from lightning_kfac.testing.models import SmallCNN, cnn_batches
 
 STEPS = 5
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4
