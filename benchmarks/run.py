@@ -31,11 +31,10 @@ import tempfile
 import time
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+import harness as H
+import report
 
-import harness as H  # noqa: E402
-import report  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULT_OUT = os.path.join(HERE, "results")
 DATA_ROOT = os.path.join(HERE, ".data")

@@ -25,18 +25,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from lightning_kfac import KFACPreconditioner
+from lightning_kfac.engine import curvature
 
-from lightning_kfac import KFACPreconditioner  # noqa: E402
-from lightning_kfac.engine import curvature  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # peer (KAISA kfac-pytorch) step time / SGD step time, measured on this 2-core CPU (issue 9)
 PEER_RATIO = {
@@ -177,7 +175,7 @@ class KFACRun:
         for lname, layer in self.pre.layers.items():
             xin, gy = captured[(lname, "x")], captured[(lname, "gy")]
 
-            def factor_work():
+            def factor_work(layer=layer, xin=xin, gy=gy):
                 layer.a_statistics(xin, dtype)  # the unfold/rows and rows^T rows, nothing else
                 g = layer.output_grad_rows(gy).to(dtype)
                 g.T @ g
@@ -186,18 +184,23 @@ class KFACRun:
             a, g = self.pre.factors()[lname]
             a, g = a.float(), g.float()
             if self.method == "eigen":
-                decomposition_ms += _time(lambda: (torch.linalg.eigh(a), torch.linalg.eigh(g)), max(3, repeats // 3))
+                decomposition_ms += _time(
+                    lambda a=a, g=g: (torch.linalg.eigh(a), torch.linalg.eigh(g)), max(3, repeats // 3)
+                )
             else:
                 decomposition_ms += _time(
-                    lambda: curvature.damped_cholesky_inverses(a, g, 1e-3, torch.float32), max(3, repeats // 3)
+                    lambda a=a, g=g: curvature.damped_cholesky_inverses(a, g, 1e-3, torch.float32),
+                    max(3, repeats // 3),
                 )
             v = torch.randn(layer.g_dim, layer.a_dim)
             qa, qg = torch.randn(layer.a_dim, layer.a_dim), torch.randn(layer.g_dim, layer.g_dim)
             den = torch.rand(layer.g_dim, layer.a_dim)
             if self.method == "eigen":
-                precondition_ms += _time(lambda: qg @ ((qg.T @ v @ qa) * den) @ qa.T, repeats)
+                precondition_ms += _time(
+                    lambda qa=qa, qg=qg, v=v, den=den: qg @ ((qg.T @ v @ qa) * den) @ qa.T, repeats
+                )
             else:
-                precondition_ms += _time(lambda: qg @ v @ qa, repeats)
+                precondition_ms += _time(lambda qa=qa, qg=qg, v=v: qg @ v @ qa, repeats)
         return {"factors_ms": factor_ms, "decompositions_ms": decomposition_ms, "precondition_ms": precondition_ms}
 
 
@@ -289,7 +292,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, medians of {rounds} interleaved rounds")
     print(
         f"{'model':28s} {'f/i':>6s} {'method':8s} {'factors':8s} {'SGD ms':>7s} {'K-FAC ms':>9s} {'x SGD':>6s} "
-        f"{'floor ms':>9s} {'x floor':>7s} {'peer x SGD':>10s} {'x peer':>6s} {'factors':>8s} {'inverse':>8s} {'precond':>8s}"
+        f"{'floor ms':>9s} {'x floor':>7s} {'peer x SGD':>10s} {'x peer':>6s} "
+        f"{'factors':>8s} {'inverse':>8s} {'precond':>8s}"
     )
     for name in args.models:
         for method, factor_dtype in combos:
@@ -301,7 +305,8 @@ def main() -> None:
                     f"{MODELS[name][2]:28s} {factor_freq:>2d}/{inv_freq:<3d} {method:8s} {row['factor_dtype']:8s} "
                     f"{row['sgd_ms']:7.1f} {row['kfac_ms']:9.1f} {row['kfac_over_sgd']:6.2f} {row['floor_ms']:9.1f} "
                     f"{row['kfac_over_floor']:7.2f} {row['peer_over_sgd'] or float('nan'):10.1f} "
-                    f"{row['kfac_over_peer'] or float('nan'):6.2f} {p['factors']:8.1f} {p['inverse']:8.1f} {p['precondition']:8.1f}",
+                    f"{row['kfac_over_peer'] or float('nan'):6.2f} "
+                    f"{p['factors']:8.1f} {p['inverse']:8.1f} {p['precondition']:8.1f}",
                     flush=True,
                 )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

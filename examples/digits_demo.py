@@ -13,6 +13,7 @@ import warnings
 
 import pytorch_lightning as pl
 
+# the example module digits.py sits next to this script in examples/, which is not a package
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from digits import DigitsClassifier, DigitsDataModule

@@ -35,7 +35,8 @@ KFACCallback = type(
 )
 
 
-class KFACDDPStrategy(_KFACStrategyBase, _DDPStrategy):
+# the shared logic types its trainer as pytorch_lightning's; this class serves lightning.pytorch's
+class KFACDDPStrategy(_KFACStrategyBase, _DDPStrategy):  # type: ignore[misc]
     __doc__ = (
         "``lightning.pytorch`` version of :class:`lightning_kfac.KFACDDPStrategy` (same arguments, same behaviour).\n"
     )

@@ -32,7 +32,7 @@ import numbers
 import time
 from collections.abc import Callable
 from dataclasses import asdict, fields
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pytorch_lightning.callbacks import Callback
@@ -52,8 +52,8 @@ HYPERPARAMETERS = rules.NAMES
 STATE_VERSION = 2
 
 #: what a hyperparameter argument may be: a constant, a callable of the step, or a schedule
-FloatSpec = Union[float, Schedule, Callable[[int], float]]
-IntSpec = Union[int, Schedule, Callable[[int], float]]
+FloatSpec = float | Schedule | Callable[[int], float]
+IntSpec = int | Schedule | Callable[[int], float]
 
 
 class KFACCallback(Callback):
@@ -202,8 +202,8 @@ class KFACCallback(Callback):
         self.current_epoch = int(trainer.current_epoch)
         batches = getattr(trainer, "num_training_batches", None)
         steps = None
-        if isinstance(batches, numbers.Real) and math.isfinite(batches) and batches > 0:
-            steps = max(1, math.ceil(int(batches) / max(1, int(trainer.accumulate_grad_batches))))
+        if isinstance(batches, numbers.Real) and math.isfinite(float(batches)) and float(batches) > 0:
+            steps = max(1, math.ceil(int(float(batches)) / max(1, int(trainer.accumulate_grad_batches))))
         if steps != self.steps_per_epoch:
             self.bind_steps_per_epoch(steps)
         self._cache_key = None
@@ -355,7 +355,8 @@ class KFACCallback(Callback):
                 restored = schedule_from_state(saved)
                 if restored is None:
                     rank_zero_warn(
-                        f"K-FAC: unknown schedule class {saved.get('class')!r} for {name} in the checkpoint; keeping {current!r}"
+                        f"K-FAC: unknown schedule class {saved.get('class')!r} for {name} in the checkpoint; "
+                        f"keeping {current!r}"
                     )
                     continue
             if restored != current:
@@ -368,7 +369,8 @@ class KFACCallback(Callback):
             restored_adaptive = _adaptive_from_state(saved_adaptive) if saved_adaptive is not None else None
             if restored_adaptive != self.adaptive:
                 rank_zero_info(
-                    f"K-FAC: adaptive policy restored from the checkpoint: {restored_adaptive!r} (this callback had {self.adaptive!r})"
+                    f"K-FAC: adaptive policy restored from the checkpoint: {restored_adaptive!r} "
+                    f"(this callback had {self.adaptive!r})"
                 )
             self.adaptive = restored_adaptive
         if state_dict.get("steps_per_epoch") is not None:
@@ -410,7 +412,7 @@ def _should_log(trainer: pl.Trainer) -> bool:
     try:
         return bool(connector.should_update_logs)  # type: ignore[union-attr]
     except Exception:
-        n = trainer.log_every_n_steps
+        n = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning at runtime
         return n > 0 and (trainer.global_step + 1) % n == 0
 
 

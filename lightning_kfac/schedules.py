@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from itertools import pairwise
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import Any, ClassVar
 
 from lightning_kfac.engine.validation import check_finite_float
@@ -144,7 +144,7 @@ class Schedule:
         }
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.init_args() == self.init_args()  # type: ignore[attr-defined]
+        return isinstance(other, Schedule) and type(other) is type(self) and other.init_args() == self.init_args()
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, repr(self.init_args())))
@@ -326,7 +326,7 @@ def as_schedule(name: str, value: Any) -> Schedule:
     if isinstance(value, Schedule):
         return value
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return Constant(value)
+        return Constant(float(value))
     if callable(value):
         return _CallableSchedule(value)
     raise TypeError(

@@ -53,6 +53,7 @@ class _KFACStrategyBase:
     def __init__(
         self,
         inverse_method: str = "eigen",
+        damping_mode: str | None = None,
         factor_dtype: str | torch.dtype = "float32",
         inverse_dtype: str | torch.dtype = "float32",
         skip_layers: list[str] | None = None,
@@ -64,11 +65,13 @@ class _KFACStrategyBase:
         symmetric_comm: bool = True,
         overlap_factor_comm: bool = True,
         cpu_threads: int | None = 1,
+        factor_samples: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.kfac_config = KFACConfig(
             inverse_method=inverse_method,
+            damping_mode=damping_mode,
             factor_dtype=factor_dtype,  # type: ignore[arg-type]
             inverse_dtype=inverse_dtype,  # type: ignore[arg-type]
             skip_layers=tuple(skip_layers or ()),
@@ -80,6 +83,7 @@ class _KFACStrategyBase:
             symmetric_comm=symmetric_comm,
             overlap_factor_comm=overlap_factor_comm,
             cpu_threads=cpu_threads,
+            factor_samples=factor_samples,
         )
         self.preconditioner: KFACPreconditioner | None = None
         # the last fit's preconditioner, hooks removed: trainer.save_checkpoint after fit
@@ -105,10 +109,9 @@ class _KFACStrategyBase:
     def connect(self, model: Any) -> None:
         super().connect(model)  # type: ignore[misc]
         trainer = getattr(model, "_trainer", None)
-        if trainer is not None:
-            # the lightning.pytorch callback derives from this one
-            if not any(isinstance(cb, KFACCallback) for cb in trainer.callbacks):
-                trainer.callbacks.append(self._callback_class()())
+        # the lightning.pytorch callback derives from this one
+        if trainer is not None and not any(isinstance(cb, KFACCallback) for cb in trainer.callbacks):
+            trainer.callbacks.append(self._callback_class()())
 
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)  # type: ignore[misc]
@@ -127,7 +130,7 @@ class _KFACStrategyBase:
         self.preconditioner.recording = False  # until the first training batch
         self._preconditioned = False
         self._backward_passes = 0
-        for callback in trainer.callbacks:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning at runtime
             if isinstance(callback, KFACCallback):  # either namespace's
                 callback.apply_to(self.preconditioner, step=trainer.global_step)
                 break
@@ -337,7 +340,7 @@ def _gradients_finite(optimizer: Optimizer) -> bool:
     return bool(flags.all())
 
 
-def register(strategy_registry: Any, strategy_class: type = KFACDDPStrategy) -> None:
+def register(strategy_registry: Any, strategy_class: type[_KFACStrategyBase] = KFACDDPStrategy) -> None:
     """Register ``"kfac_ddp"`` in one namespace's ``StrategyRegistry`` (once)."""
     if strategy_class.strategy_name not in strategy_registry:
         strategy_registry.register(

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from lightning_kfac.testing.lightning import quiet_trainer  # noqa: F401  (re-exported for the test modules)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# test modules import the user-facing example modules (digits, fashion_mnist), and examples/ is not a package
 EXAMPLES = os.path.join(ROOT, "examples")
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
@@ -61,6 +62,6 @@ def script_env(**extra: str) -> dict[str, str]:
     Lightning run leaves behind (a child that inherits them joins the wrong process group)."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
     # one intra-op thread per rank: N ranks x N threads on N cores makes LAPACK crawl
-    env.update(PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env.update(extra)
     return env

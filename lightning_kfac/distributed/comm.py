@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,12 +27,12 @@ class PendingCollective:
         tensors: Sequence[Tensor],
         wire_dtype: torch.dtype | None,
         cap_bytes: int,
-        launch: Callable[[Tensor], object],
+        launch: Callable[[Tensor], Any],
         on_bytes: Callable[[int], None],
     ) -> None:
         self._shapes = [t.shape for t in tensors]
         self._dtypes = [t.dtype for t in tensors]
-        self._buckets: list[tuple[Tensor, list[int], object]] = []
+        self._buckets: list[tuple[Tensor, list[int], Any]] = []  # (flat, indices, the collective's work)
         bucket: list[int] = []
         size = 0
         for index, tensor in enumerate(tensors):
@@ -72,8 +73,8 @@ class Communicator:
         self.rank = rank
         self.cap_bytes = cap_bytes
         self.bytes_by_kind: dict[str, int] = defaultdict(int)
-        self._block_groups: dict[int, object] = {}
-        self._receive_groups: dict[int, object] = {}
+        self._block_groups: dict[int, Any] = {}  # torch.distributed ProcessGroup objects
+        self._receive_groups: dict[int, Any] = {}
         world = plan.world_size
         # new_group is collective: every rank creates every group, in the same order. K-FAC has
         # a world group of its own so that its collectives, launched from backward hooks, never

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lightning_kfac.engine.blocks import CholeskyBlock, CurvatureBlock, EigenBlock
+from lightning_kfac.engine.blocks import CholeskyBlock, CurvatureBlock, EigenBlock, FactoredEigenBlock
 from lightning_kfac.engine.validation import (
     check_choice,
     check_float_dtype,
@@ -23,9 +23,16 @@ from lightning_kfac.engine.validation import (
     check_positive_int,
 )
 
-#: the curvature block of each inverse method: the one place a method's name selects code
-BLOCK_CLASSES: dict[str, type[CurvatureBlock]] = {"eigen": EigenBlock, "cholesky": CholeskyBlock}
-INVERSE_METHODS = tuple(BLOCK_CLASSES)
+#: the curvature block of each (inverse method, damping mode): the one place names select code
+BLOCK_CLASSES: dict[tuple[str, str], type[CurvatureBlock]] = {
+    ("eigen", "factored"): FactoredEigenBlock,
+    ("eigen", "exact"): EigenBlock,
+    ("cholesky", "factored"): CholeskyBlock,
+}
+INVERSE_METHODS = ("eigen", "cholesky")
+DAMPING_MODES = ("factored", "exact")
+#: the damping each method gives when damping_mode is not set
+METHOD_DAMPING = {"eigen": "exact", "cholesky": "factored"}
 ASSIGNMENT_COSTS = ("compute", "memory")
 
 
@@ -34,8 +41,17 @@ class KFACConfig:
     """Validated structural options of :class:`~lightning_kfac.KFACPreconditioner`.
 
     Args:
-        inverse_method: ``"eigen"`` (eigendecomposition, exact damped Kronecker inverse) or
-            ``"cholesky"`` (factored Tikhonov damping, cheaper decomposition).
+        inverse_method: ``"eigen"`` (eigendecompositions; either damping) or ``"cholesky"``
+            (damped inverses from Cholesky factorisations; factored damping only; a cheaper
+            decomposition and two products per step instead of four).
+        damping_mode: ``"factored"``, Tikhonov damping of each factor with the pi balance,
+            (G + sqrt(l)/pi I)^-1 V (A + pi sqrt(l) I)^-1; or ``"exact"``, damping of the
+            Kronecker product, (G (x) A + l I)^-1 vec(V) (eigen only). ``None``: the method's
+            own, exact for eigen and factored for cholesky. See ``docs/conventions.md``.
+        factor_samples: at most this many samples (rows of the batch dimension) of each layer
+            call enter A and G, drawn at random without replacement on each rank (the same draw
+            for every layer and call of a step), scaled so that both estimates stay unbiased:
+            the cost of the factor statistics stops growing with the batch. ``None``: all.
         factor_dtype: dtype the factors are accumulated, averaged and stored in.
         inverse_dtype: dtype the decompositions run in and are kept in (float32 or float64).
         skip_layers: module names or regular expressions (``re.fullmatch`` on the qualified
@@ -63,6 +79,7 @@ class KFACConfig:
     """
 
     inverse_method: str = "eigen"
+    damping_mode: str | None = None
     factor_dtype: torch.dtype = torch.float32
     inverse_dtype: torch.dtype = torch.float32
     skip_layers: tuple[str, ...] = field(default_factory=tuple)
@@ -74,10 +91,21 @@ class KFACConfig:
     symmetric_comm: bool = True
     overlap_factor_comm: bool = True
     cpu_threads: int | None = 1
+    factor_samples: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "inverse_method", check_choice("inverse_method", self.inverse_method, INVERSE_METHODS))
+        mode = self.damping_mode if self.damping_mode is not None else METHOD_DAMPING[self.inverse_method]
+        set_(self, "damping_mode", check_choice("damping_mode", mode, DAMPING_MODES))
+        if (self.inverse_method, self.damping_mode) not in BLOCK_CLASSES:
+            raise ValueError(
+                f"inverse_method={self.inverse_method!r} offers damping_mode='factored' only (its inverses "
+                f"are of the damped factors); got damping_mode={self.damping_mode!r}. Use inverse_method='eigen' "
+                "for exact damping of the Kronecker product"
+            )
+        if self.factor_samples is not None:
+            set_(self, "factor_samples", check_positive_int("factor_samples", self.factor_samples))
         set_(self, "factor_dtype", check_float_dtype("factor_dtype", self.factor_dtype))
         set_(
             self,
@@ -110,8 +138,8 @@ class KFACConfig:
 
     @property
     def block_class(self) -> type[CurvatureBlock]:
-        """The curvature block that implements :attr:`inverse_method`."""
-        return BLOCK_CLASSES[self.inverse_method]
+        """The curvature block of :attr:`inverse_method` with :attr:`damping_mode`."""
+        return BLOCK_CLASSES[(self.inverse_method, self.damping_mode or METHOD_DAMPING[self.inverse_method])]
 
     @property
     def bucket_cap_bytes(self) -> int:

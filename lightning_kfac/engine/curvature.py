@@ -52,7 +52,8 @@ def running_average_(running: Tensor, batch: Tensor, decay: float, finite: Tenso
     temporary of the factor's size: ``running <- running + w (batch - running)`` with
     ``w = 1 - decay`` when ``finite`` (:func:`all_finite` of ``batch``) holds and 0 otherwise,
     so a non-finite batch factor leaves ``running`` exactly as it was, decided on the device
-    without a host synchronisation. (The first update, which replaces, is the caller's.) The lerp form keeps the two weights
+    without a host synchronisation. (The first update, which replaces, is the caller's.) The lerp
+    form keeps the two weights
     summing to one in bf16/fp16 too, where ``d * running + (1 - d) * batch`` drifts. ``batch`` is
     the caller's scratch: its NaN/Inf entries are zeroed (``0 * NaN`` would reach ``running``)."""
     batch.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)

@@ -85,7 +85,7 @@ def coerce(name: str, raw: Any) -> Any:
     value = float(raw)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {raw!r}")
-    return max(1, int(math.floor(value + 0.5)))
+    return max(1, math.floor(value + 0.5))
 
 
 class Hyperparameters:
@@ -93,6 +93,11 @@ class Hyperparameters:
     :meth:`as_dict` (Python scalars only)."""
 
     __slots__ = NAMES
+    damping: float
+    factor_update_freq: int
+    inv_update_freq: int
+    factor_decay: float
+    kl_clip: float | None
 
     def __init__(self, **values: Any) -> None:
         unknown = sorted(set(values) - set(NAMES))

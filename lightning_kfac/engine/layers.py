@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,7 @@ class KFACLayer:
         """The module has a bias and it trains: V and the decomposition of A include the bias
         column. A frozen bias leaves a weight-only K-FAC layer: A without its last row and
         column, V = dL/dW, and nothing written into the bias's gradient."""
-        return self.has_bias and bool(self.module.bias.requires_grad)  # type: ignore[union-attr]
+        return self.bias is not None and bool(self.bias.requires_grad)
 
     @property
     def active_a_layout(self) -> FactorLayout:
@@ -98,11 +99,18 @@ class KFACLayer:
 
     @property
     def has_bias(self) -> bool:
-        return getattr(self.module, "bias", None) is not None
+        return self.bias is not None
 
     @property
     def weight(self) -> Tensor:
-        return self.module.weight  # type: ignore[return-value]
+        weight = self.module.weight
+        assert isinstance(weight, Tensor)
+        return weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        bias = getattr(self.module, "bias", None)
+        return bias if isinstance(bias, Tensor) else None
 
     @property
     def a_dim(self) -> int:
@@ -114,10 +122,10 @@ class KFACLayer:
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters K-FAC writes gradients into now (a frozen bias is not one)."""
-        params = [self.module.weight]
-        if self.bias_trains:
-            params.append(self.module.bias)
-        return params  # type: ignore[return-value]
+        params = [self.weight]
+        if self.bias_trains and self.bias is not None:
+            params.append(self.bias)
+        return cast(list[nn.Parameter], params)
 
     # --- factor rows -----------------------------------------------------------------------
     def input_rows(self, x: Tensor) -> Tensor:
@@ -148,24 +156,23 @@ class KFACLayer:
         if weight_grad is None:
             return None
         matrix = weight_grad.reshape(self.g_dim, -1)
-        if self.bias_trains:
-            bias_grad = self.module.bias.grad  # type: ignore[union-attr]
-            if bias_grad is None:
-                bias_grad = torch.zeros_like(self.module.bias)  # type: ignore[arg-type]
+        bias = self.bias
+        if self.bias_trains and bias is not None:
+            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
             matrix = torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
         return matrix
 
     def write_grad(self, matrix: Tensor, scale: Tensor | None = None) -> None:
         """Writes ``scale * matrix`` (``scale``: a 0-dim tensor or None) into the parameters'
         gradients: one pass, the scaling fused into the copy."""
-        weight = self.weight
+        weight, bias = self.weight, self.bias
         n_weight = weight[0].numel()
-        _write_scaled(weight.grad, matrix[:, :n_weight], scale, (self.g_dim, n_weight))  # type: ignore[arg-type]
-        if self.bias_trains:
-            bias = self.module.bias
-            if bias.grad is None:  # type: ignore[union-attr]
-                bias.grad = torch.zeros_like(bias)  # type: ignore[union-attr]
-            _write_scaled(bias.grad, matrix[:, n_weight], scale, (self.g_dim,))  # type: ignore[union-attr,arg-type]
+        assert weight.grad is not None, "write_grad needs the weight's gradient"
+        _write_scaled(weight.grad, matrix[:, :n_weight], scale, (self.g_dim, n_weight))
+        if self.bias_trains and bias is not None:
+            if bias.grad is None:
+                bias.grad = torch.zeros_like(bias)
+            _write_scaled(bias.grad, matrix[:, n_weight], scale, (self.g_dim,))
 
 
 def _write_scaled(target: Tensor, source: Tensor, scale: Tensor | None, shape: tuple[int, ...]) -> None:
@@ -197,11 +204,12 @@ class ConvLayer(KFACLayer):
 
     def __init__(self, name: str, module: nn.Module) -> None:
         super().__init__(name, module)
+        self.conv = cast(nn.modules.conv._ConvNd, module)
         self.kind = type(module).__name__
-        self.spatial = len(module.kernel_size)  # type: ignore[arg-type]
+        self.spatial = len(self.conv.kernel_size)
 
     def _padded(self, x: Tensor) -> Tensor:
-        conv = self.module
+        conv = self.conv
         if x.dim() == self.spatial + 1:  # unbatched
             x = x.unsqueeze(0)
         if conv.padding_mode != "zeros":
@@ -214,12 +222,13 @@ class ConvLayer(KFACLayer):
                 total = d * (k - 1)
                 pads += [total // 2, total - total // 2]
             return F.pad(x, pads)
-        if any(conv.padding):
-            return F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])
+        padding = cast(tuple[int, ...], conv.padding)  # not a string: handled above
+        if any(padding):
+            return F.pad(x, [p for p in reversed(padding) for _ in range(2)])
         return x
 
     def weight_rows(self, x: Tensor) -> Tensor:
-        conv = self.module
+        conv = self.conv
         if self.spatial == 2 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and x.dim() == 4:
             # unfold pads by itself: one copy of the input fewer than F.pad + unfold
             patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
@@ -258,13 +267,17 @@ class EmbeddingLayer(KFACLayer):
     kind = "Embedding"
     a_diagonal = True
 
+    def __init__(self, name: str, module: nn.Module) -> None:
+        super().__init__(name, module)
+        self.embedding = cast(nn.Embedding, module)
+
     @property
     def a_dim(self) -> int:
-        return self.module.num_embeddings
+        return self.embedding.num_embeddings
 
     @property
     def g_dim(self) -> int:
-        return self.module.embedding_dim
+        return self.embedding.embedding_dim
 
     @property
     def has_bias(self) -> bool:
@@ -272,14 +285,14 @@ class EmbeddingLayer(KFACLayer):
 
     def a_statistics(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
         tokens = x.reshape(-1)
-        padding_idx = self.module.padding_idx
+        padding_idx = self.embedding.padding_idx
         if padding_idx is not None:
             tokens = tokens[tokens != padding_idx]
         counts = torch.bincount(tokens, minlength=self.a_dim).to(dtype)
         return counts, tokens.numel()
 
     def output_row_mask(self, x: Tensor) -> Tensor | None:
-        padding_idx = self.module.padding_idx
+        padding_idx = self.embedding.padding_idx
         return None if padding_idx is None else x.reshape(-1) != padding_idx
 
     def output_grad_rows(self, gy: Tensor) -> Tensor:
@@ -291,7 +304,8 @@ class EmbeddingLayer(KFACLayer):
 
     def write_grad(self, matrix: Tensor, scale: Tensor | None = None) -> None:
         grad = self.weight.grad
-        _write_scaled(grad, matrix.T, scale, tuple(grad.shape))  # type: ignore[union-attr,arg-type]
+        assert grad is not None, "write_grad needs the weight's gradient"
+        _write_scaled(grad, matrix.T, scale, tuple(grad.shape))
 
 
 def make_layer(name: str, module: nn.Module) -> tuple[KFACLayer | None, str | None]:

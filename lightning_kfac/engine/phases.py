@@ -27,9 +27,10 @@ def update_factors(pre: KFACPreconditioner, due: frozenset[str], grad_scale: flo
         due_order, registered, pre.plan, pre.recorder, lambda names, totals: join(pre, names, totals)
     )
     correction = _inverse_square(grad_scale)
-    for (name, side), (batch, scale) in batches.items():
+    for (name, side), (batch, mean_scale) in batches.items():
+        scale: float | Tensor = mean_scale
         if side == "g" and correction is not None:
-            scale = scale * correction
+            scale = mean_scale * correction
         observe = pre.schedule.observer(name, side) if measures_change(pre, name) else None
         if not pre.blocks[name].update(side, batch, scale, pre.hyperparameters.factor_decay, observe):
             pre.note_nonfinite(name)
@@ -128,7 +129,8 @@ def kl_scale(
     lr_value = lr if lr is not None else (pre.lr() if callable(pre.lr) else pre.lr)
     if lr_value is None:
         raise ValueError(
-            "kl_clip is set but no learning rate is known: pass lr to step(), or lr= to KFACPreconditioner, or set kl_clip=None"
+            "kl_clip is set but no learning rate is known: pass lr to step(), or lr= to KFACPreconditioner, "
+            "or set kl_clip=None"
         )
     pairs = [(preconditioned[name], grad) for name in ready if (grad := grads[name]) is not None]
     pre.last_kl_scale = curvature.kl_clip_scale_of(pairs, float(lr_value), kl_clip)

@@ -14,10 +14,11 @@ Lightning strategy drives the same object.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
-from itertools import pairwise
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -102,8 +103,19 @@ class KFACPreconditioner:
         # float16 factors are summed in float32: products of loss-scaled gradients overflow it;
         # the recorder calls back weakly, so the model's hooks never keep this object alive
         sum_dtype = torch.float32 if config.factor_dtype == torch.float16 else config.factor_dtype
-        callbacks = [_weak(m) for m in (self._is_due, self._first_record, self.exchange_on_output_grad)]
-        self.recorder = Recorder(layers, sum_dtype, config.cpu_threads, *callbacks)
+        is_due, first_record, on_output_grad = (
+            _weak(m) for m in (self._is_due, self._first_record, self.exchange_on_output_grad)
+        )
+        self.recorder = Recorder(
+            layers,
+            sum_dtype,
+            config.cpu_threads,
+            is_due,
+            first_record,
+            on_output_grad,
+            config.factor_samples,
+            self.rank,
+        )
         self.exchange: Exchange = LocalExchange()
         self.schedule: FixedSchedule = FixedSchedule(self.hyperparameters)
         self._due_cache: tuple[int, frozenset[str]] | None = None
@@ -277,6 +289,7 @@ class KFACPreconditioner:
     def _end_step(self) -> None:
         self.recorder.end_step()
         self.steps += 1
+        self.recorder.step = self.steps
         self._due_cache = None
 
     def _clock(self) -> float:
@@ -306,10 +319,8 @@ class KFACPreconditioner:
         self.recorder.remove()
 
     def __del__(self) -> None:  # the hooks hold only a weak reference back
-        try:
+        with contextlib.suppress(Exception):  # at interpreter exit the parts may be gone already
             self.remove()
-        except Exception:
-            pass
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -65,6 +65,9 @@ class Recorder:
         is_due: whether a layer's factors are updated at the current step.
         on_first_record: called by the first recording forward of a step.
         on_output_grad: called after each output gradient is recorded (buckets may launch).
+        factor_samples: at most this many samples of each call's batch enter the statistics
+            (see ``KFACConfig.factor_samples``); None: all.
+        sample_seed: seeds the draws (with the step), e.g. the rank, so ranks draw differently.
     """
 
     def __init__(
@@ -75,6 +78,8 @@ class Recorder:
         is_due: Callable[[str], bool],
         on_first_record: Callable[[], None],
         on_output_grad: Callable[[], None],
+        factor_samples: int | None = None,
+        sample_seed: int = 0,
     ) -> None:
         self.layers = layers
         self.records = {name: LayerRecord() for name in layers}
@@ -85,6 +90,11 @@ class Recorder:
         self._is_due = is_due
         self._on_first_record = on_first_record
         self._on_output_grad = on_output_grad
+        self.factor_samples = factor_samples
+        self.sample_seed = sample_seed
+        #: the engine's step counter (seeds this step's sample draw)
+        self.step = 0
+        self._subsets: dict[tuple[int, str], Tensor] = {}
         self._started = False
         # backward passes seen; a pass ends in a callback autograd runs when it finishes
         self._passes = 0
@@ -129,30 +139,47 @@ class Recorder:
             self._started = True
             self._on_first_record()
         x, layer, record = inputs[0], self.layers[name], self.records[name]
+        batch = layer.batch_size(x)
+        subset = self._subset(batch, x) if x.dim() > 1 else None
+        if subset is not None:  # a random subsample: G is scaled by B / b once more (unbiased)
+            x, weight = x.index_select(0, subset), batch * batch / subset.numel()
+        else:
+            weight = float(batch)
         with torch.no_grad(), _autocast_off(x), intra_op_threads(self.cpu_threads):
             a, rows = layer.a_statistics(x.detach(), self.accumulate_dtype)
             record.a_sum = a if record.a_sum is None else record.a_sum.add_(a)
             record.a_rows += rows
         if output.requires_grad:
             mask = layer.output_row_mask(x)
-            batch = layer.batch_size(x)
             owner = weakref.ref(self)
 
             def output_grad_hook(grad: Tensor) -> None:
                 recorder = owner()
                 if recorder is not None:
-                    recorder._record_output_grad(name, batch, mask, grad)
+                    rows_of = grad if subset is None else grad.index_select(0, subset)
+                    recorder._record_output_grad(name, weight, mask, rows_of)
 
             output.register_hook(output_grad_hook)
 
-    def _record_output_grad(self, name: str, batch: int, mask: Tensor | None, grad: Tensor) -> None:
+    def _subset(self, batch: int, x: Tensor) -> Tensor | None:
+        """This step's sample draw for batches of ``batch`` on ``x``'s device (None: use all)."""
+        if self.factor_samples is None or batch <= self.factor_samples:
+            return None
+        key = (batch, str(x.device))
+        if key not in self._subsets:
+            seed = (self.sample_seed * 1_000_003 + self.step) % 2**31  # per rank and step, reproducible
+            generator = torch.Generator(device=x.device).manual_seed(seed)
+            self._subsets[key] = torch.randperm(batch, generator=generator, device=x.device)[: self.factor_samples]
+        return self._subsets[key]
+
+    def _record_output_grad(self, name: str, weight: float, mask: Tensor | None, grad: Tensor) -> None:
         self._enter_backward_pass()
         record = self.records[name]
         with torch.no_grad(), _autocast_off(grad), intra_op_threads(self.cpu_threads):
             rows = self.layers[name].output_grad_rows(grad.detach()).to(self.accumulate_dtype)
             if mask is not None:
                 rows = rows[mask]
-            g = torch.mm(rows.T, rows).mul_(batch)
+            g = torch.mm(rows.T, rows).mul_(weight)
             record.g_sum = g if record.g_sum is None else record.g_sum.add_(g)
             record.g_rows += rows.shape[0]
             record.g_calls += 1
@@ -226,6 +253,7 @@ class Recorder:
             record.clear()
         self._started = False
         self._in_backward = False
+        self._subsets.clear()
 
     def anything_recorded(self) -> bool:
         return any(not record.empty for record in self.records.values())

@@ -68,7 +68,8 @@ class LayerRoster:
         fresh = [n for n in names if self.loaded is not None and n not in self.loaded]
         if fresh:
             warn(
-                f"K-FAC: {', '.join(fresh)} not in the loaded K-FAC state (new, or frozen when it was saved); its factors start afresh"
+                f"K-FAC: {', '.join(fresh)} not in the loaded K-FAC state (new, or frozen when it was saved); "
+                "its factors start afresh"
             )
             self.loaded = (self.loaded or set()) | set(fresh)
         return self.plan
@@ -94,7 +95,8 @@ class LayerRoster:
             reported.append(name)
         if reported:
             warn(
-                f"K-FAC: the hooks of {', '.join(reported)} never fired in the first {SILENT_AFTER_FACTOR_UPDATES} factor "
+                f"K-FAC: the hooks of {', '.join(reported)} never fired in the first "
+                f"{SILENT_AFTER_FACTOR_UPDATES} factor "
                 "updates on any rank (the module is probably used functionally, e.g. MultiheadAttention.out_proj); "
                 "they keep their plain gradient unless they fire later"
             )

@@ -94,7 +94,7 @@ class AdaptiveSchedule(FixedSchedule):
         return step >= self.next_inverse_step.get(name, 0)
 
     def join(self, name: str, step: int) -> None:
-        if name in self.trackers:
+        if name in self.trackers or self.config is None:
             return
         hyper = self.hyperparameters
         self.trackers[name] = LayerStaleness(self.config, hyper.inv_update_freq, hyper.factor_update_freq)

@@ -130,6 +130,7 @@ def restore(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     check_shapes(state["layers"], pre.blocks)
     pre.hyperparameters.load(state["hyperparameters"])
     pre.steps = int(state["steps"])
+    pre.recorder.step = pre.steps
     pre.inversions, pre.layer_inversions = int(state.get("inversions", 0)), int(state.get("layer_inversions", 0))
     pre.last_inversion_step = state.get("last_inversion_step")
     layers, meta, damping = state["layers"], state["layer_meta"], state["inverse_damping"]

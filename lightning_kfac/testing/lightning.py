@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
@@ -102,10 +103,11 @@ class TinyNet(pl.LightningModule):
         if not self.manual:
             return loss
         opt = self.optimizers(use_pl_optimizer=self.manual != "raw")
+        assert not isinstance(opt, list)  # one optimizer
         opt.zero_grad()
         self.manual_backward(loss)
         if self.explicit_precondition:
-            self.trainer.strategy.precondition(opt)
+            self.trainer.strategy.precondition(opt)  # type: ignore[attr-defined]  # KFACDDPStrategy
         opt.step()
         return None
 
@@ -192,11 +194,12 @@ class KFACCollectiveCounter:
     def _wrap(self, original: Any) -> Any:
         def counted(*args: Any, **kwargs: Any) -> Any:
             frame = sys._getframe(1)
-            while frame is not None:
-                if _KFAC_DIR in frame.f_code.co_filename:
+            caller: FrameType | None = frame
+            while caller is not None:
+                if _KFAC_DIR in caller.f_code.co_filename:
                     self.counts[self.phase] = self.counts.get(self.phase, 0) + 1
                     break
-                frame = frame.f_back
+                caller = caller.f_back
             return original(*args, **kwargs)
 
         return counted
@@ -251,6 +254,7 @@ class EvalProbe(pl.Callback):
             if recorded_now(pre):
                 self.violations.append(f"{stage}: factors recorded")
             after = self._snapshot(trainer)
+            assert after is not None
             before = self._before or {"steps": None, "factors": {}}
             if after["steps"] != before["steps"]:
                 self.violations.append(f"{stage}: steps {before['steps']} -> {after['steps']}")
@@ -363,7 +367,7 @@ class FinalState(pl.Callback):
     state: dict[str, Any] | None = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.state = trainer.strategy.preconditioner.state_dict()
+        self.state = trainer.strategy.preconditioner.state_dict()  # type: ignore[attr-defined]  # KFACDDPStrategy
 
 
 class OverflowNet(TinyNet):

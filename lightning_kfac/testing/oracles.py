@@ -8,6 +8,7 @@ mistakes. The definitions are those of ``docs/conventions.md``.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -77,10 +78,10 @@ def damped_kronecker_solve(a: Tensor, g: Tensor, v: Tensor, damping: float, mode
 def conv2d_factors_by_positions(conv: nn.Conv2d, x: Tensor, output_grad: Tensor) -> tuple[Tensor, Tensor]:
     """A and G of a Conv2d from an explicit loop over output positions (no unfold): A is the mean
     over all B x L patch rows (with a ones entry for the bias), G is B times the sum over rows."""
-    kh, kw = conv.kernel_size  # type: ignore[misc]
-    sh, sw = conv.stride  # type: ignore[misc]
-    ph, pw = conv.padding  # type: ignore[misc]
-    dh, dw = conv.dilation  # type: ignore[misc]
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    ph, pw = cast(tuple[int, int], conv.padding)  # explicit padding (no "same"/"valid" here)
+    dh, dw = conv.dilation
     padded = F.pad(x, (pw, pw, ph, ph))
     batch, _, out_h, out_w = output_grad.shape
     rows_a, rows_g = [], []

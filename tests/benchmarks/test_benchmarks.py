@@ -17,6 +17,7 @@ import torch
 from tests.conftest import ROOT, script_env
 
 BENCH = os.path.join(ROOT, "benchmarks")
+# the benchmark scripts (harness, run, staleness) are plain modules in benchmarks/, not a package
 if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
@@ -167,8 +168,10 @@ def test_staleness_quick_run_on_generated_files(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     fixed, adaptive = json.loads(out.read_text())["runs"]
     assert fixed["label"] == "fixed-4/f1/cos" and adaptive["label"] == "adaptive-t0.1[2,8]/damped/start4/cos"
-    # the CNN's 4 layers inverted at steps 0, 4 and 8
+    # the CNN's 4 layers inverted at steps 0, 4 and 8, their factors updated at every step
     assert (fixed["inversion_steps"], fixed["layer_inversions"]) == (3, 12)
+    assert fixed["factor_layer_updates"] == 12 * 4
+    assert 0 < adaptive["factor_layer_updates"] <= 12 * 4
     for run in (fixed, adaptive):
         assert run["steps"] == 12 and run["lr_schedule"] == "cosine"
         assert run["last_step_lr"] == pytest.approx(0.03 * (1 + math.cos(math.pi * 11 / 12)) / 2)  # annealed

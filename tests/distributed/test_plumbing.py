@@ -152,7 +152,7 @@ def overlap_on_off(rank, world_size):
             rank,
             world_size,
             model,
-            lambda s, r: (batches[s][0][4 * r : 4 * r + 4], torch.randn(4, 5)),
+            lambda s, r, batches=batches: (batches[s][0][4 * r : 4 * r + 4], torch.randn(4, 5)),
             overlap_factor_comm=overlap,
         )
         results.append((torch.cat([a.reshape(-1) for a, _ in pre.factors().values() if a is not None]), launched))

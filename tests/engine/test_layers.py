@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.testing.models import SmallCNN
+from lightning_kfac.testing.oracles import damped_kronecker_solve, linear_factors
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +31,17 @@ def _capture_output_grads(module: nn.Module) -> list[torch.Tensor]:
 
     module.register_forward_hook(forward_hook)
     return grads
+
+
+def _capture_inputs(module: nn.Module) -> list[torch.Tensor]:
+    inputs: list[torch.Tensor] = []
+    module.register_forward_hook(lambda mod, args, output: inputs.append(args[0].detach().clone()))
+    return inputs
+
+
+def _weight_and_bias_grad(layer: nn.Linear) -> torch.Tensor:
+    """The layer's gradient as one (out, in+1) matrix V (the bias as the last column)."""
+    return torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1).clone()
 
 
 def _pre(module, **kwargs):
@@ -74,11 +86,11 @@ def _conv_factors_by_loops(conv, x, gy):
                 slice(p * s, p * s + d * (k - 1) + 1, d)
                 for p, s, d, k in zip(pos, conv.stride, conv.dilation, conv.kernel_size, strict=True)
             )
-            patch = xp[(b, slice(None)) + slices].reshape(-1)
+            patch = xp[(b, slice(None), *slices)].reshape(-1)
             if conv.bias is not None:
                 patch = torch.cat([patch, torch.ones(1)])
             rows_a.append(patch)
-            rows_g.append(gy[(b, slice(None)) + tuple(pos)])
+            rows_g.append(gy[(b, slice(None), *pos)])
     a, g = torch.stack(rows_a), torch.stack(rows_g)
     assert n in (1, 3)
     return a.T @ a / a.shape[0], batch * g.T @ g
@@ -203,15 +215,24 @@ def test_transformer_encoder_preconditions_module_calls_and_reports_the_rest():
     pre = KFACPreconditioner(model, damping=0.01, lr=0.05)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     tokens = torch.randint(0, 11, (8, 6))
+    # independent record of the first step of a (B, T, in) sequence layer and of the head
+    checked = {name: model.get_submodule(name) for name in ("encoder.layers.0.linear1", "head")}
+    inputs = {name: _capture_inputs(layer) for name, layer in checked.items()}
+    output_grads = {name: _capture_output_grads(layer) for name, layer in checked.items()}
     losses = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(15):
+        for step in range(15):
             optimizer.zero_grad()
             logits = model(tokens[:, :-1].repeat(1, 2)[:, :6])
             loss = F.cross_entropy(logits.reshape(-1, 11), tokens.roll(-1, 1).reshape(-1))
             loss.backward()
+            if step == 0:
+                plain = {name: _weight_and_bias_grad(layer) for name, layer in checked.items()}
             pre.step()
+            if step == 0:
+                first = {name: _weight_and_bias_grad(layer) for name, layer in checked.items()}
+                kl_scale = float(pre.last_kl_scale)
             optimizer.step()
             losses.append(loss.item())
     expected = {"embed", "head"} | {f"encoder.layers.{i}.linear{j}" for i in range(2) for j in (1, 2)}
@@ -223,6 +244,13 @@ def test_transformer_encoder_preconditions_module_calls_and_reports_the_rest():
     assert "position" in first_order and "encoder.layers.0.self_attn.in_proj_weight" in first_order
     assert "encoder.layers.0.norm1.weight" in first_order and "head.weight" not in first_order
     assert losses[-1] < 0.7 * losses[0]
+    # the first step is the damped Kronecker solve with factors from the recorded rows (float32
+    # factors: 1e-4; the plain gradient is ~1 away), times the KL-clip scale
+    for name in checked:
+        a, g = linear_factors(inputs[name][0], output_grads[name][0], bias=True)
+        expected = damped_kronecker_solve(a, g, plain[name], 0.01, "exact")
+        assert _rel(first[name] / kl_scale, expected) < 1e-4, name
+        assert _rel(plain[name], expected) > 0.5, name
 
 
 # --- compile, memory formats, dtypes --------------------------------------------------------------
@@ -264,8 +292,15 @@ def test_float64_model_with_float32_factors_trains():
     torch.manual_seed(6)
     model = SmallCNN().double()
     pre = KFACPreconditioner(model, lr=0.1)  # factors and decompositions in float32
+    inputs, output_grads = _capture_inputs(model.fc1), _capture_output_grads(model.fc1)
     x, y = torch.randn(8, 1, 6, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
     F.cross_entropy(model(x), y).backward()
+    plain = _weight_and_bias_grad(model.fc1)
     pre.step()
     assert all(p.grad.dtype == torch.float64 and torch.isfinite(p.grad).all() for p in model.parameters())
     assert pre.factors()["fc1"][0].dtype == torch.float32
+    # the step is the float64 damped Kronecker solve up to float32 rounding of the factors
+    a, g = linear_factors(inputs[0], output_grads[0], bias=True)
+    expected = damped_kronecker_solve(a, g, plain, pre.damping, "exact")
+    assert _rel(_weight_and_bias_grad(model.fc1) / float(pre.last_kl_scale), expected) < 1e-4
+    assert _rel(plain, expected) > 0.5

@@ -92,7 +92,7 @@ def test_cholesky_step_equals_factored_tikhonov(batch, n_in, n_out, bias):
 
 
 def test_running_average_first_update_replaces_then_ema():
-    layer, x1, t1 = _linear_problem(10, 4, 3, True, seed=0)
+    layer, _, _ = _linear_problem(10, 4, 3, True, seed=0)
     decay = 0.8
     pre = KFACPreconditioner(layer, factor_decay=decay, kl_clip=None, factor_dtype=torch.float64)
     expected_a, expected_g = None, None
@@ -173,7 +173,7 @@ def test_kl_clip_scale_matches_formula():
     lr, kl_clip, damping = 0.5, 1e-4, 1e-3
     _, v, unclipped = _run_step(layer, x, target, damping=damping, kl_clip=None, inv_update_freq=1)
     layer.zero_grad()
-    pre, v2, clipped = _run_step(layer, x, target, damping=damping, kl_clip=kl_clip, inv_update_freq=1, lr=lr)
+    pre, _, clipped = _run_step(layer, x, target, damping=damping, kl_clip=kl_clip, inv_update_freq=1, lr=lr)
     nu = min(1.0, math.sqrt(kl_clip / (lr**2 * float((unclipped * v).sum()))))
     assert nu < 1.0  # the case exercises clipping
     assert abs(float(pre.last_kl_scale) - nu) <= 1e-10 * nu

@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.testing.models import MLP
+from lightning_kfac.testing.oracles import capture_output_grads, damped_kronecker_solve, linear_factors, relative_error
 
 
 def _backward(model: nn.Module, batch: int = 8) -> None:
@@ -90,6 +91,11 @@ class TinyAttention(nn.Module):
         return self.head(h.mean(1))
 
 
+def _grad_matrix(layer: nn.Linear) -> torch.Tensor:
+    """The layer's gradient as one (out, in+1) matrix V (the bias as the last column)."""
+    return torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1).clone()
+
+
 def test_functional_out_proj_warns_once_and_trains():
     torch.manual_seed(0)
     model = TinyAttention()
@@ -97,19 +103,35 @@ def test_functional_out_proj_warns_once_and_trains():
     assert "attn.out_proj" in pre.layers  # registered: it is an nn.Linear
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(16, 5, 8), torch.randint(0, 3, (16,))
-    losses = []
+    head_inputs: list[torch.Tensor] = []
+    model.head.register_forward_hook(lambda mod, args, output: head_inputs.append(args[0].detach().clone()))
+    head_output_grads = capture_output_grads(model.head)
+    losses, out_proj_plain, head_plain, head_first = [], [], None, None
     with pytest.warns(UserWarning, match=r"attn\.out_proj") as record:
-        for _ in range(10):
+        for step in range(10):
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
+            out_proj_grad = _grad_matrix(model.attn.out_proj)
+            if step == 0:
+                head_plain = _grad_matrix(model.head)
             pre.step(lr=0.1)
+            out_proj_plain.append(torch.equal(_grad_matrix(model.attn.out_proj), out_proj_grad))
+            if step == 0:
+                head_first = _grad_matrix(model.head) / float(pre.last_kl_scale)
             optimizer.step()
             losses.append(loss.item())
     assert sum("never fired" in str(w.message) for w in record) == 1
     assert "attn.out_proj" not in pre.layers
     assert any(s.name == "attn.out_proj" for s in pre.skipped)
     assert losses[-1] < losses[0]
+    # out_proj trains on its plain gradient at every step; the head is preconditioned: its first
+    # step is the damped Kronecker solve (float32 factors: 1e-4; the plain gradient is ~1 away)
+    assert all(out_proj_plain)
+    a, g = linear_factors(head_inputs[0].double(), head_output_grads[0].double(), bias=True)
+    expected = damped_kronecker_solve(a, g, head_plain.double(), 0.01, "exact")
+    assert relative_error(head_first.double(), expected) < 1e-4
+    assert relative_error(head_plain.double(), expected) > 0.5
 
 
 def test_skip_layers_by_name_and_regex_and_unmatched_pattern_warns():

@@ -14,6 +14,7 @@ from torch import nn
 from lightning_kfac import KFACConfig, KFACPreconditioner
 from lightning_kfac.testing.distributed import run_distributed
 from lightning_kfac.testing.models import MLP, SmallCNN, cnn_batches
+from lightning_kfac.testing.oracles import capture_output_grads, damped_kronecker_solve, linear_factors, relative_error
 
 # --- bad input ---------------------------------------------------------------------------------
 BAD_PRECONDITIONER_ARGS = [
@@ -76,7 +77,7 @@ def test_bad_hyperparameter_set_between_steps_is_rejected_and_keeps_the_old_valu
 
 
 def test_not_a_module_is_a_type_error():
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got list"):
         KFACPreconditioner([nn.Linear(2, 2)])
 
 
@@ -95,6 +96,35 @@ def _step(model, pre, x, y, optimizer=None):
     pre.step()
     if optimizer is not None:
         optimizer.step()
+
+
+def _flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _factor_error(actual: dict, expected: dict) -> float:
+    """The largest relative error over the (A, G) of every layer of two ``pre.factors()``."""
+    assert actual.keys() == expected.keys()
+    return max(relative_error(a, e) for name in expected for a, e in zip(actual[name], expected[name], strict=True))
+
+
+def _grad_matrix(layer: nn.Linear) -> torch.Tensor:
+    """The layer's gradient as one (out, in+1) matrix V (the bias as the last column)."""
+    return torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1).clone()
+
+
+def _clean_run(seed: int):
+    """The control of the NaN tests: their MLP run without the bad batch (one step without the
+    optimizer, then 3 SGD steps); its final parameters and factors."""
+    torch.manual_seed(seed)
+    model = MLP()
+    pre = KFACPreconditioner(model, lr=0.1, inv_update_freq=1)
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    _step(model, pre, x, y)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        _step(model, pre, x, y, optimizer)
+    return _flat(model), pre.factors()
 
 
 def test_nan_activations_drop_that_update_warn_once_and_training_continues():
@@ -116,6 +146,11 @@ def test_nan_activations_drop_that_update_warn_once_and_training_continues():
         _step(model, pre, x, y, optimizer)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(a).all() and torch.isfinite(g).all() for a, g in pre.factors().values())
+    # control: the same run without the bad batch ends in the same place (the NaN left no trace)
+    control_params, control_factors = _clean_run(0)
+    assert relative_error(_flat(model), control_params) <= 1e-12
+    assert _factor_error(pre.factors(), control_factors) <= 1e-12
+    assert _factor_error(pre.factors(), before) > 1e-3  # the 3 later steps did update the factors
 
 
 def test_nan_on_the_very_first_update_leaves_factors_uninitialised_then_recovers():
@@ -127,6 +162,22 @@ def test_nan_on_the_very_first_update_leaves_factors_uninitialised_then_recovers
         _step(model, pre, torch.full_like(x, float("inf")), y)
     _step(model, pre, x, y)  # the first finite update initialises the running factors
     assert all(torch.isfinite(a).all() and torch.isfinite(g).all() for a, g in pre.factors().values())
+    # control: a run that never saw the bad batch. The first finite update replaced the factors
+    # (no average with anything the inf batch left) and preconditioned the same gradients
+    torch.manual_seed(1)
+    control_model = MLP()
+    control = KFACPreconditioner(control_model, lr=0.1, inv_update_freq=1)
+    _step(control_model, control, x, y)
+    assert _factor_error(pre.factors(), control.factors()) <= 1e-12
+    for p, c in zip(model.parameters(), control_model.parameters(), strict=True):
+        assert relative_error(p.grad, c.grad) <= 1e-12
+    # and the rest of the run goes as in the control
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        _step(model, pre, x, y, optimizer)
+    control_params, control_factors = _clean_run(1)
+    assert relative_error(_flat(model), control_params) <= 1e-12
+    assert _factor_error(pre.factors(), control_factors) <= 1e-12
 
 
 def test_failed_decomposition_keeps_the_last_good_one(monkeypatch):
@@ -136,16 +187,26 @@ def test_failed_decomposition_keeps_the_last_good_one(monkeypatch):
     x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
     _step(model, pre, x, y)
     good = {name: block.q_a.clone() for name, block in pre.blocks.items()}
+    good_factors = {name: (a.double(), g.double()) for name, (a, g) in pre.factors().items()}
 
     def broken_eigh(*args, **kwargs):
         raise torch.linalg.LinAlgError("injected failure")
 
     monkeypatch.setattr(torch.linalg, "eigh", broken_eigh)
-    _step(model, pre, x, y)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    plain = {name: _grad_matrix(model.get_submodule(name)) for name in good}
+    pre.step()
     assert pre.decomposition_failures == 2 * len(good)  # A and G of every layer, after a float64 retry
     for name, block in pre.blocks.items():
         assert torch.equal(block.q_a, good[name])
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    # the gradients went through the kept decomposition: the damped Kronecker solve with the
+    # factors it was computed from (float32: 1e-4), not the plain gradient (~1 away)
+    for name, (a, g) in good_factors.items():
+        expected = damped_kronecker_solve(a, g, plain[name].double(), pre.damping, "exact")
+        assert relative_error(_grad_matrix(model.get_submodule(name)).double(), expected) < 1e-4, name
+        assert relative_error(plain[name].double(), expected) > 0.5, name
 
 
 def test_layer_that_never_had_a_decomposition_falls_back_to_its_plain_gradient(monkeypatch):
@@ -168,31 +229,71 @@ def test_rank_deficient_and_extreme_scales_stay_finite(method, batch, scale):
     model = MLP((64, 128, 128, 10))  # batch << width: rank-deficient factors
     pre = KFACPreconditioner(model, lr=0.05, inv_update_freq=1, inverse_method=method)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(4):
+    head = model.net[4]
+    head_inputs: list[torch.Tensor] = []
+    head.register_forward_hook(lambda mod, args, output: head_inputs.append(args[0].detach().clone()))
+    head_output_grads = capture_output_grads(head)
+    for step in range(4):
         x, y = torch.randn(batch, 64) * scale, torch.randint(0, 10, (batch,))
-        _step(model, pre, x, y, optimizer)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if step == 0:
+            plain = _grad_matrix(head).double()
+        pre.step()
+        if step == 0:
+            first = _grad_matrix(head).double() / float(pre.last_kl_scale)
+        optimizer.step()
     loss = F.cross_entropy(model(torch.randn(16, 64) * scale), torch.randint(0, 10, (16,)))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.isfinite(loss)
+    # finite and right: the head's first step is the damped solve with its rank-deficient factors
+    # from the recorded rows (eigen: exact damping, cholesky: factored), to within float32
+    # accuracy at these condition numbers (5%; the plain gradient is at least 50% away)
+    a, g = linear_factors(head_inputs[0].double(), head_output_grads[0].double(), bias=True)
+    expected = damped_kronecker_solve(a, g, plain, pre.damping, "exact" if method == "eigen" else "factored")
+    assert relative_error(first, expected) < 0.05
+    assert relative_error(plain, expected) > 0.5
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_models_train_with_float32_factors(dtype):
+def _half_precision_run(dtype, compute_dtype, kfac: bool = True):
+    """SmallCNN initialised and fed in ``dtype``, trained in ``compute_dtype`` for 6 steps: the
+    model, its preconditioner, the losses and the parameter update (final - initial, float32)."""
     torch.manual_seed(5)
-    model = SmallCNN().to(dtype)
-    pre = KFACPreconditioner(model, lr=0.05, inv_update_freq=2, damping=0.01)
+    model = SmallCNN().to(dtype).to(compute_dtype)
+    initial = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+    pre = KFACPreconditioner(model, lr=0.05, inv_update_freq=2, damping=0.01) if kfac else None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     losses = []
     for x, y in cnn_batches(6, 16, dtype):
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(x).float(), y)
+        loss = F.cross_entropy(model(x.to(compute_dtype)).float(), y)
         loss.backward()
-        pre.step()
+        if pre is not None:
+            pre.step()
         optimizer.step()
         losses.append(loss.item())
+    update = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()]) - initial
+    return model, pre, losses, update
+
+
+# relative error of the 6-step parameter update against the float32 run (float16 rounds to 11
+# bits, bfloat16 to 8: updates of ~1e-3 on weights of ~0.3 lose a few percent per step)
+HALF_PRECISION_TOLERANCE = {torch.float16: 0.05, torch.bfloat16: 0.3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_train_with_float32_factors(dtype):
+    model, pre, losses, update = _half_precision_run(dtype, dtype)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(math.isfinite(v) for v in losses)
     assert pre.factors()["fc1"][0].dtype == torch.float32
+    # the same run in float32 (same initial weights and inputs) makes nearly the same update; the
+    # run without K-FAC (control) is far from it, so the tolerance does tell K-FAC steps apart
+    _, _, _, update32 = _half_precision_run(dtype, torch.float32)
+    _, _, _, update_sgd = _half_precision_run(dtype, torch.float32, kfac=False)
+    tolerance = HALF_PRECISION_TOLERANCE[dtype]
+    assert relative_error(update, update32) < tolerance
+    assert relative_error(update_sgd, update32) > 2 * tolerance
 
 
 # --- property: the step is the damped Kronecker solve ---------------------------------------------

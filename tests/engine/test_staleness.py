@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -48,7 +49,7 @@ def test_config_validates_itself(kwargs, error, words):
 
 def test_config_is_frozen_and_scalar():
     config = StalenessConfig(threshold=0.1)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.threshold = 0.2  # type: ignore[misc]
     assert config.upper_threshold == pytest.approx(0.2)  # growth x threshold by default
     assert StalenessConfig(threshold=0.1, shrink_threshold=0.5).upper_threshold == 0.5

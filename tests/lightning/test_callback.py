@@ -20,14 +20,13 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_kfac  # noqa: F401  (registers "kfac_ddp")
-from lightning_kfac import KFACCallback, KFACPreconditioner
+from lightning_kfac import KFACCallback, KFACPreconditioner  # importing lightning_kfac registers "kfac_ddp"
 from lightning_kfac.engine.report import estimated_memory, fit_summary, layer_statistics
 from lightning_kfac.engine.report import format_bytes as _bytes
 from lightning_kfac.engine.staleness import LayerStaleness, StalenessConfig
 from lightning_kfac.schedules import LinearWarmup, StepDecay
-from tests.conftest import quiet_trainer
 from lightning_kfac.testing.models import MLP, SmallCNN
+from tests.conftest import quiet_trainer
 
 TIME_KEYS = ("kfac/time_factors_ms", "kfac/time_inverse_ms", "kfac/time_precondition_ms")
 REQUIRED_KEYS = (
@@ -139,10 +138,10 @@ def test_fit_start_summary_is_printed_and_right_and_diagnostics_are_logged(tmp_p
     skipped = {line.split()[0]: line for line in text.splitlines() if line.startswith("    ")}
     assert "groups=2" in skipped["grouped"] and "Conv2d" in skipped["grouped"]
     assert "frozen" in skipped["frozen"] and "requires_grad=False" in skipped["frozen"]
+    assert "adaptive intervals: threshold 0.1" in text
     assert (
-        "adaptive intervals: threshold 0.1" in text
-        and "change of the damped factors net of sampling noise, probe_after=2: a run of 2 changes in the hold band grows the interval"
-        in text
+        "change of the damped factors net of sampling noise, probe_after=2: "
+        "a run of 2 changes in the hold band grows the interval" in text
     )
     # memory: float32 running factors + step accumulators + eigen decompositions (q, d, 1/(dd^T+l))
     dims = [(10, 4), (145, 8), (9, 3)]
@@ -177,7 +176,7 @@ def test_summary_for_two_ranks_shows_owners_and_per_rank_memory():
         ]
     assert len({plan.a_owner[n] for n in pre.layers}) == 2  # both ranks own layers
     memory = estimated_memory(pre, plan)
-    every_factor = sum(4 * (l.a_dim**2 + l.g_dim**2) for l in pre.layers.values())
+    every_factor = sum(4 * (layer.a_dim**2 + layer.g_dim**2) for layer in pre.layers.values())
     assert sum(m["factors"] for m in memory) == every_factor  # each factor held by its owner only
     assert all(m["accumulators"] == every_factor for m in memory)  # every rank accumulates every layer
     assert "per rank: 0: " in text and ", 1: " in text

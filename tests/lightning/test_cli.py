@@ -132,7 +132,11 @@ def test_bad_strategy_option_in_a_config_names_the_option(tmp_path, monkeypatch)
     monkeypatch.chdir(ROOT)
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        "trainer:\n  strategy:\n    class_path: lightning_kfac.KFACDDPStrategy\n    init_args:\n      inverse_method: svd\n"
+        "trainer:\n"
+        "  strategy:\n"
+        "    class_path: lightning_kfac.KFACDDPStrategy\n"
+        "    init_args:\n"
+        "      inverse_method: svd\n"
     )
     with pytest.raises(ValueError, match=r"inverse_method.*'eigen'.*'cholesky'"):
         run_cli(["--config", DIGITS, "--config", str(bad)], run=False)

@@ -42,11 +42,27 @@ def test_two_process_strategy_equals_one_process_on_the_global_batch(tmp_path, f
     assert error <= 1e-9, error
 
 
-def test_char_transformer_trains_with_kfac_ddp_on_two_processes(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "tests", "scripts", "fit_char_transformer.py"), "--out", str(tmp_path)]
+def _fit_char_transformer(out, strategy: str) -> list[dict]:
+    os.makedirs(out, exist_ok=True)
+    script = os.path.join(ROOT, "tests", "scripts", "fit_char_transformer.py")
+    cmd = [sys.executable, script, "--out", str(out), "--strategy", strategy]
     proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
+
+
+def _mean_of_last_three(losses: list[float]) -> float:
+    return sum(losses[-3:]) / 3
+
+
+def test_char_transformer_trains_with_kfac_ddp_on_two_processes(tmp_path):
+    rank0, rank1 = _fit_char_transformer(tmp_path / "kfac", "kfac_ddp")
     assert torch.equal(rank0["params"], rank1["params"])
-    first, last = sum(rank0["losses"][:3]) / 3, sum(rank0["losses"][-3:]) / 3
+    first, last = sum(rank0["losses"][:3]) / 3, _mean_of_last_three(rank0["losses"])
     assert last < 0.8 * first, (first, last)
+    # control: the same run (seed, data order, SGD-momentum) with plain ddp. K-FAC must end
+    # clearly lower (measured: 1.76 vs 2.12 nats/char), not merely train
+    control, _ = _fit_char_transformer(tmp_path / "ddp", "ddp")
+    assert control["losses"][0] == pytest.approx(rank0["losses"][0])  # same start
+    control_last = _mean_of_last_three(control["losses"])
+    assert last < 0.95 * control_last, (last, control_last)

@@ -4,6 +4,7 @@ interrupted, resumed from the same checkpoint, ends."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -44,10 +45,10 @@ def _torchrun(out, *args: str, restarts: int = 0) -> subprocess.Popen:
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     try:
         output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as timeout_error:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        raise AssertionError("torchrun did not finish:\n" + output[-4000:])
+        raise AssertionError("torchrun did not finish:\n" + output[-4000:]) from timeout_error
     if proc.returncode != 0:
         _end_session(proc)
     assert proc.returncode == 0, output[-4000:]
@@ -55,10 +56,8 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 
 def _end_session(proc: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def test_killed_rank_restarts_and_resumes_with_its_kfac_state(tmp_path):

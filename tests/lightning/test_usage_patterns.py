@@ -14,8 +14,8 @@ from pytorch_lightning.callbacks import BackboneFinetuning
 from torch import nn
 
 from lightning_kfac import KFACCallback
-from tests.conftest import quiet_trainer
 from lightning_kfac.testing.lightning import SyntheticData, TinyNet, flat_params
+from tests.conftest import quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread", "clean_process_group")
 

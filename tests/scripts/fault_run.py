@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
+import pytorch_lightning as pl
+import torch
 
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from lightning_kfac.testing.lightning import FinalState, flat_params, multi_run  # noqa: E402
+from lightning_kfac.testing.lightning import FinalState, flat_params, multi_run
 
 EPOCHS = 4
 

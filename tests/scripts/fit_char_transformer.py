@@ -1,11 +1,11 @@
-"""A 2-layer character-level transformer trained with kfac_ddp; writes rank R's first and last
-training loss and final parameters to ``<out>/rank<R>.pt``."""
+"""A 2-layer character-level transformer trained with kfac_ddp (or, as a control, ``--strategy ddp``:
+the same run without K-FAC); writes rank R's training losses and final parameters to
+``<out>/rank<R>.pt``."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import pytorch_lightning as pl
 import torch
@@ -13,10 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-import lightning_kfac  # noqa: E402
+import lightning_kfac
 
 TEXT = (
     "Shall I compare thee to a summer's day? Thou art more lovely and more temperate: "
@@ -56,6 +53,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--strategy", choices=("kfac_ddp", "ddp"), default="kfac_ddp")
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
     chars = sorted(set(TEXT))
@@ -65,8 +63,8 @@ def main() -> None:
     y = torch.stack([ids[s + 1 : s + CONTEXT + 1] for s in starts])
     model = CharTransformer(len(chars))
     trainer = pl.Trainer(
-        strategy="kfac_ddp",
-        callbacks=[lightning_kfac.KFACCallback(damping=0.03, inv_update_freq=5)],
+        strategy=args.strategy,
+        callbacks=[lightning_kfac.KFACCallback(damping=0.03, inv_update_freq=5)] if args.strategy == "kfac_ddp" else [],
         accelerator="cpu",
         devices=args.devices,
         max_steps=args.steps,

@@ -10,13 +10,11 @@ import sys
 import pytorch_lightning as pl
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
+from lightning_kfac.testing.lightning import quiet_trainer  # importing lightning_kfac registers "kfac_ddp"
 
-from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
-
-import lightning_kfac  # noqa: E402,F401
-from lightning_kfac.testing.lightning import quiet_trainer  # noqa: E402
+# the user-facing example module digits.py lives in examples/, which is not a package
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "examples"))
+from digits import DigitsClassifier, DigitsDataModule
 
 
 def main() -> None:

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-import lightning_kfac  # noqa: E402
-from lightning_kfac.testing.models import SmallCNN, cnn_batches  # noqa: E402
+import lightning_kfac
+from lightning_kfac.testing.models import SmallCNN, cnn_batches
 
 GLOBAL_BATCH = 12
 STEPS = 5

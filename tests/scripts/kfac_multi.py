@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
+import torch
 
-import torch  # noqa: E402
-from lightning_kfac.testing.lightning import (  # noqa: E402
+import lightning_kfac
+from lightning_kfac.testing.lightning import (
     ACCUMULATE,
     EvalProbe,
     FinalState,
@@ -35,10 +33,8 @@ from lightning_kfac.testing.lightning import (  # noqa: E402
     cpu_fp16_plugin,
     flat_params,
     multi_run,
+    quiet_trainer,
 )
-
-import lightning_kfac  # noqa: E402
-from lightning_kfac.testing.lightning import quiet_trainer  # noqa: E402
 
 
 def run(args, tag: str, ckpt_path: str | None, counter: KFACCollectiveCounter | None) -> None:

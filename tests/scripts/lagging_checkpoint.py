@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from lightning_kfac.testing.lightning import SyntheticData, TinyNet  # noqa: E402
-from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
-
-import lightning_kfac  # noqa: E402
-from lightning_kfac.testing.lightning import quiet_trainer  # noqa: E402
+import lightning_kfac
+from lightning_kfac.testing.lightning import SyntheticData, TinyNet, quiet_trainer
 
 LAG = 3.0
 CHECKPOINT_STEP = 2

@@ -3,6 +3,6 @@ the contract). :class:`~lightning_kfac.engine.config.KFACConfig` picks the class
 
 from lightning_kfac.engine.blocks.base import CurvatureBlock
 from lightning_kfac.engine.blocks.cholesky import CholeskyBlock
-from lightning_kfac.engine.blocks.eigen import EigenBlock
+from lightning_kfac.engine.blocks.eigen import EigenBlock, FactoredEigenBlock
 
-__all__ = ["CholeskyBlock", "CurvatureBlock", "EigenBlock"]
+__all__ = ["CholeskyBlock", "CurvatureBlock", "EigenBlock", "FactoredEigenBlock"]

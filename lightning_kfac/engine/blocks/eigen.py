@@ -1,13 +1,17 @@
 """The eigen method: each factor is eigendecomposed on its owner, F = Q diag(d) Q^T, and the
 preconditioned gradient is V' = Q_G [(Q_G^T V Q_A) / D] Q_A^T with a denominator D fixed once per
 inversion (``docs/conventions.md``). A diagonal factor is its own eigendecomposition (Q = I).
+The two factors are decomposed independently, so they may live on different ranks
+(``split_factors``). Two dampings, one class each (they differ only in D):
 
-:class:`EigenBlock` damps the Kronecker product exactly, D = d_G d_A^T + lambda. The two
-factors are decomposed independently, so they may live on different ranks (``split_factors``).
+* :class:`FactoredEigenBlock`: Tikhonov damping per factor, D = (d_G + gamma_G)(d_A + gamma_A)^T
+  with gamma_A = pi sqrt(lambda), gamma_G = sqrt(lambda) / pi;
+* :class:`EigenBlock`: exact damping of the Kronecker product, D = d_G d_A^T + lambda.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -81,6 +85,18 @@ class EigenBlock(CurvatureBlock):
     def decomposition_numel(cls, a: FactorLayout, g: FactorLayout) -> int:
         """Eigenbases (none for a diagonal factor), eigenvalues and the denominator."""
         return a.eigen_numel() + g.eigen_numel() + g.dim * a.dim
+
+
+class FactoredEigenBlock(EigenBlock):
+    """Eigendecomposed factors, factored (pi) Tikhonov damping: the same preconditioner as the
+    Cholesky method, from eigenbases (so A and G may be decomposed on different ranks)."""
+
+    def denominator(self, d_a: Tensor, d_g: Tensor, damping: float) -> Tensor:
+        """1 / ((d_G + sqrt(l)/pi)(d_A + pi sqrt(l))^T), pi from the factors' traces (sums of
+        their eigenvalues)."""
+        pi = curvature.tikhonov_pi(d_a, d_g)
+        root = math.sqrt(damping)
+        return torch.outer((d_g + root / pi).reciprocal(), (d_a + pi * root).reciprocal())
 
 
 def safe_eigh(factor: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor] | None:
