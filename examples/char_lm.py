@@ -16,13 +16,16 @@ import math
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import MeanMetric
 
 
 class CharDataModule(pl.LightningDataModule):
     """Non-overlapping windows of ``block_size + 1`` characters; the last ``val_fraction`` of the
-    text is the validation split (whole windows, evaluated in full at every check)."""
+    text is the validation split (whole windows, evaluated in full at every check, each window
+    once also on several processes: no repeated windows padding the processes' shares)."""
 
     def __init__(
         self, text: str, block_size: int = 64, batch_size: int = 32, val_fraction: float = 0.1, num_workers: int = 0
@@ -63,7 +66,13 @@ class CharDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256, num_workers=self.num_workers)
+        # with several processes, each its unrepeated share (Lightning's default DistributedSampler
+        # would pad with repeats), so val_loss covers each window once
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(self.val_set, batch_size=256, sampler=sampler, num_workers=self.num_workers)
 
 
 class Block(nn.Module):
@@ -89,8 +98,10 @@ class Block(nn.Module):
 
 
 class CharTransformer(pl.LightningModule):
-    """GPT-style character model. Logs ``train_loss`` and ``val_loss`` in nats per character.
-    ``optimizer``: ``"sgd"`` (with ``momentum``) or ``"adamw"``; K-FAC comes from the strategy."""
+    """GPT-style character model. Logs ``train_loss`` and ``val_loss`` in nats per character
+    (``val_loss``: a torchmetrics ``MeanMetric`` weighted by windows, exact over all processes; see
+    ``fashion_mnist.eval_sampler``). ``optimizer``: ``"sgd"`` (with ``momentum``) or ``"adamw"``;
+    K-FAC comes from the strategy."""
 
     def __init__(
         self,
@@ -113,6 +124,7 @@ class CharTransformer(pl.LightningModule):
         self.blocks = nn.Sequential(*(Block(d_model, n_heads) for _ in range(n_layers)))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
+        self.val_loss = MeanMetric()
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
             if name.endswith(("proj.weight", "fc2.weight")):
@@ -140,7 +152,8 @@ class CharTransformer(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self._loss(batch), sync_dist=True)
+        self.val_loss.update(self._loss(batch), weight=len(batch[0]))
+        self.log("val_loss", self.val_loss)  # the metric object: computed over all windows at epoch end
 
     def configure_optimizers(self):
         hp = self.hparams

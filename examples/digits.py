@@ -1,14 +1,19 @@
 """scikit-learn's 8x8 digits (ships with scikit-learn, no download) as a LightningDataModule, and a
 small MLP classifier whose optimizer is chosen by name. Used by the demo, the tests and the
-``examples/configs/digits_mlp.yaml`` config."""
+``examples/configs/digits_mlp.yaml`` config. Evaluation is exact on any number of processes: the
+evaluation loaders do not repeat samples, and accuracy and loss are torchmetrics metrics (see
+``fashion_mnist.eval_sampler`` for the reasons)."""
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -35,16 +40,27 @@ class DigitsDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
 
+    def _eval_loader(self) -> DataLoader:
+        """The test images in order; with several processes each evaluates its own share, without
+        the repeated samples Lightning's default ``DistributedSampler`` would pad it with."""
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            sampler = UnrepeatedDistributedSampler(self.test_set, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(self.test_set, batch_size=250, sampler=sampler)
+
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=250)
+        return self._eval_loader()
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=250)
+        return self._eval_loader()
 
 
 class DigitsClassifier(pl.LightningModule):
     """64-hidden-hidden-10 MLP. ``optimizer``: ``"sgd"`` (momentum) or ``"adamw"``; K-FAC comes
-    from the strategy, not from here, so the same module trains with either."""
+    from the strategy, not from here, so the same module trains with either. Logs ``train_loss``,
+    ``val_loss``/``val_acc`` and ``test_loss``/``test_acc``, torchmetrics metrics of the same names
+    (the losses weighted by batch size), exact over all processes."""
 
     def __init__(
         self,
@@ -59,6 +75,10 @@ class DigitsClassifier(pl.LightningModule):
         self.net = nn.Sequential(
             nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 10)
         )
+        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -72,8 +92,12 @@ class DigitsClassifier(pl.LightningModule):
     def _evaluate(self, batch, stage: str) -> None:
         x, y = batch
         logits = self(x)
-        self.log(f"{stage}_loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log(f"{stage}_acc", (logits.argmax(-1) == y).float().mean(), sync_dist=True)
+        loss, accuracy = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+        loss.update(F.cross_entropy(logits, y), weight=len(y))
+        accuracy.update(logits, y)
+        # the metric objects: computed over all batches and processes at the end of the epoch
+        self.log(f"{stage}_loss", loss)
+        self.log(f"{stage}_acc", accuracy)
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")

@@ -9,6 +9,10 @@ under ``/usr/share/datasets/fashion-mnist``); nothing is downloaded::
 
 K-FAC comes from the strategy (``Trainer(strategy="kfac_ddp")``), not from the module, so the same
 module trains with K-FAC, SGD-momentum or AdamW.
+
+Evaluation is exact on any number of processes: the validation and test loaders split the data
+over the processes without repeating samples (:func:`eval_sampler`), and accuracy and loss are
+torchmetrics metrics, which sum their counts over the batches and the processes.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ import struct
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
 
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {
@@ -102,10 +109,41 @@ def load_split(data_dir: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, labels.long()
 
 
+def eval_sampler(dataset: Dataset, trainer: pl.Trainer | None) -> UnrepeatedDistributedSampler | None:
+    """The sampler of an evaluation (validation / test) loader: with several processes, this
+    process's share of ``dataset`` (samples ``rank``, ``rank + world_size``, ...), so that every
+    sample is evaluated exactly once; ``None`` (in order, everything) in one process or without a
+    trainer.
+
+    Left alone, Lightning gives an evaluation loader a ``DistributedSampler``, which pads the data
+    with repeats of its first samples until every process has as many, so those samples count
+    twice in the metrics (Lightning warns about it for ``validate``/``test``, not for validation
+    during ``fit``). Lightning's ``UnrepeatedDistributedSampler`` (the one it uses for ``predict``)
+    does not pad: the shares differ by at most one sample, so one process may run one batch more.
+    It is a ``DistributedSampler``, so Lightning keeps it instead of inserting its own.
+
+    The evaluation step must then meet two conditions. No communication per batch, since the
+    processes may run different numbers of batches: log torchmetrics objects, which synchronise
+    once, in ``compute()`` at the end of the epoch; no ``on_step=True`` with ``sync_dist=True``,
+    no collective in ``validation_step``. And no ``self.log(tensor, sync_dist=True)`` epoch means:
+    Lightning averages the processes' sample counts in integer arithmetic (gloo, Lightning 2.6),
+    which truncates when the total is not a multiple of the number of processes (97 images on 2
+    processes: the loss sum is divided by 96, 1% off); with the padding sampler the total always
+    was a multiple. Hence :class:`FashionClassifier`'s ``MulticlassAccuracy`` and weighted
+    ``MeanMetric``.
+    """
+    if trainer is None or trainer.world_size <= 1:
+        return None
+    return UnrepeatedDistributedSampler(
+        dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+    )
+
+
 class FashionMNISTDataModule(pl.LightningDataModule):
     """Train / validation split of the 60k training images (``val_size`` held out, fixed seed
     ``split_seed``), test = the 10k test images. Images are standardised with the training-set
-    pixel mean and std and kept in memory as ``(N, 1, 28, 28)`` float tensors."""
+    pixel mean and std and kept in memory as ``(N, 1, 28, 28)`` float tensors. The validation
+    and test loaders evaluate every image once also on several processes (:func:`eval_sampler`)."""
 
     def __init__(
         self,
@@ -132,20 +170,27 @@ class FashionMNISTDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        x, y = load_split(self.data_dir, "train")
+        x, y = self.load("train")
         if not 0 <= self.val_size < len(x):
             raise ValueError(f"val_size must be in [0, {len(x)}), got {self.val_size}")
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
         val_idx, train_idx = order[: self.val_size], order[self.val_size :]
         self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
-        self.test_set = TensorDataset(*load_split(self.data_dir, "test"))
+        self.test_set = TensorDataset(*self.load("test"))
+
+    def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The standardised images and labels of ``split`` (``"train"`` or ``"test"``)."""
+        return load_split(self.data_dir, split)
 
     def _loader(self, dataset: TensorDataset, batch_size: int, train: bool = False) -> DataLoader:
+        """Training (``train=True``): shuffled, whole batches (Lightning adds the distributed
+        sampler). Evaluation: in order, each process its unrepeated share."""
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=train,
+            sampler=None if train else eval_sampler(dataset, self.trainer),
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -193,6 +238,13 @@ class FashionClassifier(pl.LightningModule):
     ``test_loss``/``test_acc`` on the test loader. Validation dataloader ``i`` is logged under
     ``eval_stages[i]`` (default ``("val", "test")``), so a run can track test accuracy at every
     validation check by giving the validation loop the test loader too.
+
+    Accuracy and loss are torchmetrics metrics, one per stage (``self.accuracy["val"]``,
+    ``self.mean_loss["test"]``, ...): a ``MulticlassAccuracy`` and a ``MeanMetric`` weighted by
+    batch size, logged as metric objects, which Lightning computes once per epoch from the counts
+    of all batches and processes. So they are the accuracy and mean loss over the samples
+    evaluated, which are the whole set, each sample once, with :class:`FashionMNISTDataModule`'s
+    loaders (see :func:`eval_sampler`).
     """
 
     eval_stages: tuple[str, ...] = ("val", "test")
@@ -210,6 +262,11 @@ class FashionClassifier(pl.LightningModule):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         self.save_hyperparameters()
         self.net = build_network(arch)
+        # metrics per stage name (the validation loop may also evaluate the test set: eval_stages);
+        # torchmetrics states are not saved in checkpoints
+        stages = dict.fromkeys((*self.eval_stages, "val", "test"))
+        self.accuracy = nn.ModuleDict({stage: MulticlassAccuracy(num_classes=10, average="micro") for stage in stages})
+        self.mean_loss = nn.ModuleDict({stage: MeanMetric() for stage in stages})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -223,8 +280,12 @@ class FashionClassifier(pl.LightningModule):
     def _evaluate(self, batch, stage: str) -> None:
         x, y = batch
         logits = self(x)
-        self.log(f"{stage}_loss", F.cross_entropy(logits, y), sync_dist=True, add_dataloader_idx=False)
-        self.log(f"{stage}_acc", (logits.argmax(-1) == y).float().mean(), sync_dist=True, add_dataloader_idx=False)
+        mean_loss, accuracy = self.mean_loss[stage], self.accuracy[stage]
+        mean_loss.update(F.cross_entropy(logits, y), weight=len(y))
+        accuracy.update(logits, y)
+        # the metric objects, not values: computed (and synchronised) once, at the end of the epoch
+        self.log(f"{stage}_loss", mean_loss, add_dataloader_idx=False)
+        self.log(f"{stage}_acc", accuracy, prog_bar=True, add_dataloader_idx=False)
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         self._evaluate(batch, self.eval_stages[dataloader_idx])

@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy as _DDPStrategy
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_kfac.callback import KFACCallback as _KFACCallback
+from lightning_kfac.strategy import KFACDDPStrategy as _PLStrategy
 from lightning_kfac.strategy import _KFACStrategyBase, register
 
 __all__ = ["KFACCallback", "KFACDDPStrategy"]
@@ -38,7 +39,8 @@ KFACCallback = type(
 # the shared logic types its trainer as pytorch_lightning's; this class serves lightning.pytorch's
 class KFACDDPStrategy(_KFACStrategyBase, _DDPStrategy):  # type: ignore[misc]
     __doc__ = (
-        "``lightning.pytorch`` version of :class:`lightning_kfac.KFACDDPStrategy` (same arguments, same behaviour).\n"
+        "``lightning.pytorch`` version of :class:`lightning_kfac.KFACDDPStrategy` (same arguments, same behaviour).\n\n"
+        + (_PLStrategy.__doc__ or "").split("\n\n", 1)[-1]
     )
 
     @classmethod

@@ -7,22 +7,24 @@ strategy's preconditioner before every step, and what K-FAC is doing, made visib
   checkpointed state.
 * Adaptive mode: ``adaptive=StalenessConfig(...)`` lets each layer's factor-update and
   inversion intervals grow while its factors are stable (:mod:`lightning_kfac.engine.staleness`).
-* Logging (every ``log_every_n_steps`` of the trainer, through its loggers): ``kfac/damping``,
-  ``kfac/factor_update_freq``, ``kfac/inv_update_freq``, ``kfac/factor_decay``, ``kfac/kl_clip``,
-  ``kfac/kl_clip_scale`` (the applied nu), ``kfac/comm_bytes`` (payload bytes of the K-FAC
-  collectives this rank took part in during the step), ``kfac/inversions`` (steps that ran an
-  inversion so far) and host wall times ``kfac/time_{factors,inverse,precondition}_ms``. No
-  device synchronisation is added unless ``exact_timings=True`` (which also logs
-  ``kfac/time_step_ms``). The progress-bar items are logged only when they change.
+* Logging (every ``log_every_n_steps`` of the trainer, through its loggers): the mean per
+  optimizer step since the previous log of K-FAC's host times ``kfac/time_{hooks,factors,
+  inverse,precondition,total}_ms`` (hooks: the factor statistics computed in forward and
+  backward) and of ``kfac/comm_bytes`` (payload bytes of K-FAC's collectives on this rank), so
+  the logs give amortised costs whatever the intervals; ``kfac/kl_clip_scale`` (the applied nu),
+  ``kfac/inversions`` (steps that ran an inversion so far), ``kfac/layer_inversions`` (layer
+  decompositions so far). The hyperparameters (``kfac/damping``, ``kfac/factor_update_freq``,
+  ``kfac/inv_update_freq``, ``kfac/factor_decay``, ``kfac/kl_clip``) go to the loggers'
+  hyperparameters at fit start, and into the metrics from the first log at which they differ
+  (a schedule). No device synchronisation is added unless ``exact_timings=True`` (which also
+  logs ``kfac/time_step_ms``, the synchronised step). The progress-bar items are logged only
+  when they change.
 * ``diagnostics=True``: per-layer factor traces, condition-number estimates and adaptive
   intervals, on logging steps only.
 * A ``kfac_damp``/``kfac_inv`` item in the progress bar and a one-screen summary at fit start.
 
-Defaults (chosen on the digits demo and in line with the KAISA examples): damping 1e-3 is
-small enough to keep the curvature information and large enough to regularise rank-deficient
-factors of small batches; factor updates every step and inversions every 10 steps keep the
-per-step cost within a small multiple of SGD; decay 0.95 averages the last ~20 factor
-estimates; KL clip 1e-3 bounds the step size while the factors are young.
+Defaults (``engine/hyperparameters.py``, the reasons there) are for large global batches; small
+batches want damping 0.1 and a KL clip of 0.01 (README "When K-FAC helps, and how to set it").
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import math
 import numbers
 import time
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,7 +42,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_kfac.engine import hyperparameters as rules
 from lightning_kfac.engine.preconditioner import KFACPreconditioner
-from lightning_kfac.engine.report import estimated_memory, fit_summary, format_bytes, layer_statistics
+from lightning_kfac.engine.report import TimingWindow, estimated_memory, fit_summary, format_bytes, layer_statistics
 from lightning_kfac.engine.staleness import StalenessConfig
 from lightning_kfac.schedules import Schedule, as_schedule, schedule_from_state
 
@@ -83,11 +85,11 @@ class KFACCallback(Callback):
 
     def __init__(
         self,
-        damping: FloatSpec = 1e-3,
-        factor_update_freq: IntSpec = 1,
-        inv_update_freq: IntSpec = 10,
-        factor_decay: FloatSpec = 0.95,
-        kl_clip: FloatSpec | None = 1e-3,
+        damping: FloatSpec = rules.DEFAULTS["damping"],
+        factor_update_freq: IntSpec = rules.DEFAULTS["factor_update_freq"],
+        inv_update_freq: IntSpec = rules.DEFAULTS["inv_update_freq"],
+        factor_decay: FloatSpec = rules.DEFAULTS["factor_decay"],
+        kl_clip: FloatSpec | None = rules.DEFAULTS["kl_clip"],
         adaptive: StalenessConfig | None = None,
         log: bool = True,
         diagnostics: bool = False,
@@ -136,6 +138,9 @@ class KFACCallback(Callback):
         self._cache_key: tuple[int, float | None] | None = None
         self._cache_values: dict[str, Any] = {}
         self._bar_shown: dict[str, Any] | None = None
+        self._window = TimingWindow()
+        self._logged_values: dict[str, Any] = {}
+        self._moving: set[str] = set()
 
     # --- hyperparameters -------------------------------------------------------------------------
     @staticmethod
@@ -210,6 +215,12 @@ class KFACCallback(Callback):
 
     # --- hooks -----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        count = sum(isinstance(cb, KFACCallback) for cb in trainer.callbacks)  # type: ignore[attr-defined]
+        if count > 1:
+            raise ValueError(
+                f"the Trainer has {count} KFACCallbacks: use one (it holds every K-FAC hyperparameter and its "
+                "schedule; two would set the same preconditioner twice per step)"
+            )
         if stage == "fit" and getattr(trainer.strategy, "precondition", None) is None:
             raise ValueError(
                 f"KFACCallback needs the K-FAC strategy, but the Trainer's strategy is "
@@ -223,6 +234,13 @@ class KFACCallback(Callback):
             return
         if self.exact_timings:
             preconditioner.sync_timings = True
+        self._window.reset(preconditioner)
+        self._logged_values = {name: getattr(preconditioner, name) for name in HYPERPARAMETERS}
+        self._moving = set()
+        if self.log:
+            hparams = {f"kfac/{k}": v for k, v in self._logged_values.items() if v is not None}
+            for logger in trainer.loggers:
+                logger.log_hyperparams(hparams)
         if self.summary:
             self.summary_text = fit_summary(preconditioner, self.hyperparameters(trainer.global_step), self.adaptive)
             rank_zero_info(self.summary_text)
@@ -260,6 +278,7 @@ class KFACCallback(Callback):
             step_ms = (time.perf_counter() - start) * 1e3
         if preconditioner is None:
             return
+        self._window.add_synced(step_ms)
         # the engine counts; kept here too so that they outlive the fit (and its checkpoints)
         self.inversions = preconditioner.inversions
         self.last_inversion_step = preconditioner.last_inversion_step
@@ -277,38 +296,42 @@ class KFACCallback(Callback):
     def _log_progress_bar(self, pl_module: pl.LightningModule, pre: KFACPreconditioner) -> None:
         # only when a value changed (Lightning keeps showing the last one): the damping when its
         # schedule moves, the inversion step once per inversion
-        bar = {"kfac_damp": float(pre.damping)}
         if self.last_inversion_step is not None:
-            bar["kfac_inv"] = self.last_inversion_step
+            # a step number, shown as one: logged values reach the bar as floats ("16.00"), so it
+            # goes straight into the trainer's progress-bar dict, which the bar reads
+            pl_module.trainer.progress_bar_metrics["kfac_inv"] = int(self.last_inversion_step)
+        bar = {"kfac_damp": float(pre.damping)}
         if bar == self._bar_shown:
             return
         self._bar_shown = bar
-        values = {
-            "kfac_damp": torch.tensor(bar["kfac_damp"], dtype=torch.float64),
-            **({"kfac_inv": torch.tensor(float(bar["kfac_inv"]))} if "kfac_inv" in bar else {}),
-        }
-        pl_module.log_dict(
-            values, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1
+        damping = torch.tensor(bar["kfac_damp"], dtype=torch.float64)
+        pl_module.log(
+            "kfac_damp",
+            damping,
+            prog_bar=True,
+            logger=False,
+            on_step=True,
+            on_epoch=False,
+            rank_zero_only=True,
+            batch_size=1,
         )
 
     def _log_step(self, pl_module: pl.LightningModule, pre: KFACPreconditioner, step_ms: float | None) -> None:
+        """Per optimizer step since the previous log: mean times and bytes (so that the logs give
+        amortised costs whatever the intervals); counters; the hyperparameters when they change."""
+        window = self._window.advance(pre, step_ms)
         # host values go in as CPU tensors: Lightning keeps them on the CPU (no device copy or
         # sync per step); the only device tensor is the KL scale, read when the logger writes
-        cpu = {
-            "kfac/damping": float(pre.damping),
-            "kfac/factor_update_freq": float(pre.factor_update_freq),
-            "kfac/inv_update_freq": float(pre.inv_update_freq),
-            "kfac/factor_decay": float(pre.factor_decay),
-            "kfac/comm_bytes": float(pre.step_bytes),
-            "kfac/inversions": float(self.inversions),
-        }
-        if pre.kl_clip is not None:
-            cpu["kfac/kl_clip"] = float(pre.kl_clip)
+        cpu = {f"kfac/{key}": value for key, value in window.items()}
+        cpu["kfac/inversions"] = float(pre.inversions)
         cpu["kfac/layer_inversions"] = float(pre.layer_inversions)
-        for part in ("factors", "inverse", "precondition"):
-            cpu[f"kfac/time_{part}_ms"] = float(pre.timings_ms.get(part, 0.0))
-        if step_ms is not None:
-            cpu["kfac/time_step_ms"] = step_ms
+        # the values at fit start went to the loggers' hyperparameters; one that changed since
+        # (a schedule) is logged from then on (Lightning repeats a key once it was logged)
+        for name in HYPERPARAMETERS:
+            value = getattr(pre, name)
+            if value is not None and (name in self._moving or self._logged_values.get(name) != value):
+                self._moving.add(name)
+                cpu[f"kfac/{name}"] = float(value)
         metrics: dict[str, torch.Tensor] = {k: torch.tensor(v, dtype=torch.float64) for k, v in cpu.items()}
         if pre.last_kl_scale is not None:
             metrics["kfac/kl_clip_scale"] = pre.last_kl_scale.detach()
@@ -365,8 +388,11 @@ class KFACCallback(Callback):
                 )
             self.schedules[name] = restored
         if "adaptive" in state_dict:
-            saved_adaptive = state_dict["adaptive"]
-            restored_adaptive = _adaptive_from_state(saved_adaptive) if saved_adaptive is not None else None
+            saved_adaptive, restored_adaptive = state_dict["adaptive"], None
+            if saved_adaptive is not None:
+                restored_adaptive, unknown = StalenessConfig.from_state(saved_adaptive)
+                if unknown:
+                    rank_zero_warn(f"K-FAC: ignoring adaptive settings this version does not know: {unknown}")
             if restored_adaptive != self.adaptive:
                 rank_zero_info(
                     f"K-FAC: adaptive policy restored from the checkpoint: {restored_adaptive!r} "
@@ -383,19 +409,6 @@ class KFACCallback(Callback):
 
 
 # --- helpers ------------------------------------------------------------------------------------
-# switches added to StalenessConfig after checkpoints without them were written: a checkpoint
-# that lacks one was measured without it
-_ADAPTIVE_SWITCHES_ADDED_LATER = {"noise_corrected": False, "damped": False, "probe_after": None}
-
-
-def _adaptive_from_state(saved: dict[str, Any]) -> StalenessConfig:
-    known = {f.name for f in fields(StalenessConfig)}
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        rank_zero_warn(f"K-FAC: ignoring adaptive settings this version does not know in the checkpoint: {unknown}")
-    return StalenessConfig(**{**_ADAPTIVE_SWITCHES_ADDED_LATER, **{k: v for k, v in saved.items() if k in known}})
-
-
 def _constant_state(value: Any) -> dict[str, Any] | None:
     return None if value is None else as_schedule("value", value).state_dict()
 

@@ -50,10 +50,26 @@ class _KFACStrategyBase:
 
     strategy_name = "kfac_ddp"
 
+    def __repr__(self) -> str:
+        # Lightning's "invalid strategy" error prints the repr of an object from the other
+        # namespace's Trainer; this makes that message name the class that fits it
+        lightning_pytorch = type(self).__module__ != __name__
+        own, other = (
+            ("lightning.pytorch", "pytorch_lightning")
+            if lightning_pytorch
+            else ("pytorch_lightning", "lightning.pytorch")
+        )
+        fix = (
+            "lightning_kfac.KFACDDPStrategy"
+            if lightning_pytorch
+            else "lightning_kfac.lightning_pytorch.KFACDDPStrategy"
+        )
+        return f"<KFACDDPStrategy for {own}'s Trainer; in {other}'s Trainer use {fix}, or the string 'kfac_ddp'>"
+
     def __init__(
         self,
-        inverse_method: str = "eigen",
-        damping_mode: str | None = None,
+        inverse_method: str = "cholesky",
+        damping_mode: str = "factored",
         factor_dtype: str | torch.dtype = "float32",
         inverse_dtype: str | torch.dtype = "float32",
         skip_layers: list[str] | None = None,
@@ -68,6 +84,8 @@ class _KFACStrategyBase:
         factor_samples: int | None = None,
         **kwargs: Any,
     ) -> None:
+        """K-FAC's structural options (the ``Args`` of the class docstring, which jsonargparse
+        shows in ``--help``); every other keyword is DDPStrategy's."""
         super().__init__(**kwargs)
         self.kfac_config = KFACConfig(
             inverse_method=inverse_method,
@@ -298,7 +316,7 @@ class _KFACStrategyBase:
 
 
 class KFACDDPStrategy(_KFACStrategyBase, DDPStrategy):
-    """DDP with K-FAC preconditioning of every ``nn.Linear`` and ``nn.Conv2d``.
+    """DDP with K-FAC preconditioning of every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.Embedding``.
 
     Structural K-FAC options are fixed here (see :class:`~lightning_kfac.KFACConfig`; the size of
     K-FAC's fused factor buckets is ``kfac_bucket_cap_mb``, so that ``bucket_cap_mb`` stays
@@ -306,6 +324,29 @@ class KFACDDPStrategy(_KFACStrategyBase, DDPStrategy):
     :class:`~lightning_kfac.KFACCallback`, which the strategy adds with its defaults when the
     trainer has none. Every other keyword goes to
     :class:`~pytorch_lightning.strategies.DDPStrategy`.
+
+    Args:
+        inverse_method: "cholesky" (damped inverses; factored damping only; cheaper) or
+            "eigen" (eigendecompositions; either damping).
+        damping_mode: "factored" (Tikhonov damping of each factor, pi-balanced) or "exact"
+            (damping of the Kronecker product; eigen only; slower to converge at large batches).
+        factor_dtype: dtype of the running factors: "float32", "bfloat16", "float16", "float64".
+        inverse_dtype: dtype of the decompositions: "float32" or "float64".
+        skip_layers: module names or regular expressions (full match on the name or the class
+            name) of layers to leave to their plain gradient.
+        grad_worker_fraction: fraction of ranks that precondition each layer, in (0, 1]: 1 is
+            COMM-OPT, 1/world_size MEM-OPT, between HYBRID; must give a divisor of the world size.
+        assignment_cost: what the owner assignment balances: "compute" (n^3) or "memory" (n^2).
+        split_factors: let A and G of a layer have different owners (eigen, fraction 1 only).
+        kfac_bucket_cap_mb: size cap of one fused K-FAC collective, in MiB (> 0).
+        comm_dtype: dtype factors travel in ("bfloat16", "float16", "float32"), or None for
+            the dtype of the factor sums.
+        symmetric_comm: send symmetric factors as upper triangles (about half the bytes).
+        overlap_factor_comm: launch factor reductions from the backward hooks as layers finish.
+        cpu_threads: intra-op CPU threads of K-FAC's own work (>= 1; the same results on any
+            node layout), or None for torch's setting.
+        factor_samples: at most this many samples per layer call enter A and G (an unbiased
+            random subsample; >= 1), or None for all.
     """
 
 
@@ -340,11 +381,22 @@ def _gradients_finite(optimizer: Optimizer) -> bool:
     return bool(flags.all())
 
 
+#: the strings a Trainer accepts, as for Lightning's own "ddp" family: name -> DDP keywords
+STRATEGY_ALIASES: dict[str, dict[str, Any]] = {
+    "kfac_ddp": {},
+    "kfac_ddp_find_unused_parameters_true": {"find_unused_parameters": True},
+    "kfac_ddp_find_unused_parameters_false": {"find_unused_parameters": False},
+    "kfac_ddp_spawn": {"start_method": "spawn"},
+    "kfac_ddp_notebook": {"start_method": "fork"},
+}
+
+
 def register(strategy_registry: Any, strategy_class: type[_KFACStrategyBase] = KFACDDPStrategy) -> None:
-    """Register ``"kfac_ddp"`` in one namespace's ``StrategyRegistry`` (once)."""
-    if strategy_class.strategy_name not in strategy_registry:
-        strategy_registry.register(
-            strategy_class.strategy_name,
-            strategy_class,
-            description="DDP with distributed K-FAC preconditioning (lightning_kfac)",
-        )
+    """Register ``"kfac_ddp"`` and its aliases in one namespace's ``StrategyRegistry`` (once)."""
+    for name, keywords in STRATEGY_ALIASES.items():
+        if name not in strategy_registry:
+            detail = ", ".join(f"{k}={v!r}" for k, v in keywords.items())
+            description = (
+                f"DDP with distributed K-FAC preconditioning (lightning_kfac){f', {detail}' if detail else ''}"
+            )
+            strategy_registry.register(name, strategy_class, description=description, **keywords)

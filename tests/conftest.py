@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lightning_kfac.testing.distributed import launch_env
 from lightning_kfac.testing.lightning import quiet_trainer  # noqa: F401  (re-exported for the test modules)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,26 +43,8 @@ def clean_process_group():
         dist.destroy_process_group()
 
 
-_LAUNCH_VARIABLES = (
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "RANK",
-    "WORLD_SIZE",
-    "GROUP_RANK",
-    "LOCAL_WORLD_SIZE",
-    "TORCHELASTIC_RUN_ID",
-    "PL_GLOBAL_SEED",
-    "PL_SEED_WORKERS",
-)
-
-
 def script_env(**extra: str) -> dict[str, str]:
     """The environment for a launched script: without the rendezvous variables an in-process
     Lightning run leaves behind (a child that inherits them joins the wrong process group)."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
     # one intra-op thread per rank: N ranks x N threads on N cores makes LAPACK crawl
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    env.update(extra)
-    return env
+    return launch_env(**{"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **extra})

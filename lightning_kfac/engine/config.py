@@ -31,8 +31,6 @@ BLOCK_CLASSES: dict[tuple[str, str], type[CurvatureBlock]] = {
 }
 INVERSE_METHODS = ("eigen", "cholesky")
 DAMPING_MODES = ("factored", "exact")
-#: the damping each method gives when damping_mode is not set
-METHOD_DAMPING = {"eigen": "exact", "cholesky": "factored"}
 ASSIGNMENT_COSTS = ("compute", "memory")
 
 
@@ -41,13 +39,14 @@ class KFACConfig:
     """Validated structural options of :class:`~lightning_kfac.KFACPreconditioner`.
 
     Args:
-        inverse_method: ``"eigen"`` (eigendecompositions; either damping) or ``"cholesky"``
-            (damped inverses from Cholesky factorisations; factored damping only; a cheaper
-            decomposition and two products per step instead of four).
-        damping_mode: ``"factored"``, Tikhonov damping of each factor with the pi balance,
-            (G + sqrt(l)/pi I)^-1 V (A + pi sqrt(l) I)^-1; or ``"exact"``, damping of the
-            Kronecker product, (G (x) A + l I)^-1 vec(V) (eigen only). ``None``: the method's
-            own, exact for eigen and factored for cholesky. See ``docs/conventions.md``.
+        inverse_method: ``"cholesky"`` (damped inverses from Cholesky factorisations; factored
+            damping only; the default: the cheaper decomposition, and two products per step
+            instead of four) or ``"eigen"`` (eigendecompositions; either damping).
+        damping_mode: ``"factored"`` (the default), Tikhonov damping of each factor with the
+            pi balance, (G + sqrt(l)/pi I)^-1 V (A + pi sqrt(l) I)^-1; or ``"exact"``, damping
+            of the Kronecker product, (G (x) A + l I)^-1 vec(V) (eigen only; it needed 3-4x the
+            steps of factored damping at large batches, README "Results"). See
+            ``docs/conventions.md``.
         factor_samples: at most this many samples (rows of the batch dimension) of each layer
             call enter A and G, drawn at random without replacement on each rank (the same draw
             for every layer and call of a step), scaled so that both estimates stay unbiased:
@@ -78,8 +77,8 @@ class KFACConfig:
             keeps torch's setting (faster on many-core CPUs). GPU work is not affected.
     """
 
-    inverse_method: str = "eigen"
-    damping_mode: str | None = None
+    inverse_method: str = "cholesky"
+    damping_mode: str = "factored"
     factor_dtype: torch.dtype = torch.float32
     inverse_dtype: torch.dtype = torch.float32
     skip_layers: tuple[str, ...] = field(default_factory=tuple)
@@ -96,8 +95,7 @@ class KFACConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "inverse_method", check_choice("inverse_method", self.inverse_method, INVERSE_METHODS))
-        mode = self.damping_mode if self.damping_mode is not None else METHOD_DAMPING[self.inverse_method]
-        set_(self, "damping_mode", check_choice("damping_mode", mode, DAMPING_MODES))
+        set_(self, "damping_mode", check_choice("damping_mode", self.damping_mode, DAMPING_MODES))
         if (self.inverse_method, self.damping_mode) not in BLOCK_CLASSES:
             raise ValueError(
                 f"inverse_method={self.inverse_method!r} offers damping_mode='factored' only (its inverses "
@@ -139,11 +137,16 @@ class KFACConfig:
     @property
     def block_class(self) -> type[CurvatureBlock]:
         """The curvature block of :attr:`inverse_method` with :attr:`damping_mode`."""
-        return BLOCK_CLASSES[(self.inverse_method, self.damping_mode or METHOD_DAMPING[self.inverse_method])]
+        return BLOCK_CLASSES[(self.inverse_method, self.damping_mode)]
 
     @property
     def bucket_cap_bytes(self) -> int:
         return max(1, int(self.bucket_cap_mb * 1024 * 1024))
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """(factor dtype, inverse dtype), in the order curvature blocks take them."""
+        return self.factor_dtype, self.inverse_dtype
 
     def grad_workers_per_layer(self, world_size: int) -> int:
         """Number of ranks that precondition each layer; must divide ``world_size``. On one

@@ -343,6 +343,8 @@ def register_layers(model: nn.Module, skip_layers: tuple[str, ...]) -> tuple[dic
     nothing and about a model with no supported layer."""
     patterns = [re.compile(p) for p in skip_layers]
     matched = [False] * len(patterns)
+    # MultiheadAttention passes out_proj's weight to a function: its hooks never fire
+    functional = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     layers: dict[str, KFACLayer] = {}
     skipped: list[SkippedLayer] = []
     seen: set[int] = set()
@@ -351,6 +353,8 @@ def register_layers(model: nn.Module, skip_layers: tuple[str, ...]) -> tuple[dic
             continue
         seen.add(id(module))
         layer, reason = make_layer(name, module)
+        if id(module) in functional:
+            layer, reason = None, "MultiheadAttention's out_proj, called functionally by the attention"
         if layer is None and reason is None:
             continue
         hits = [i for i, p in enumerate(patterns) if p.fullmatch(name) or p.fullmatch(type(module).__name__)]

@@ -12,6 +12,7 @@ from torch import Tensor
 from lightning_kfac.distributed.assignment import WorkPlan
 from lightning_kfac.distributed.exchange import Totals, sides_of
 from lightning_kfac.engine import curvature
+from lightning_kfac.engine.notices import warn
 
 if TYPE_CHECKING:
     from lightning_kfac.engine.preconditioner import KFACPreconditioner
@@ -84,12 +85,38 @@ def invert(pre: KFACPreconditioner, names: list[str]) -> None:
     )
     for name in names:
         pre.decomposition_failures += pre.blocks[name].decompose(sides_of(plan, name, pre.rank), damping)
+    if not pre.damping_checked:
+        check_damping(pre, names)
     pre.exchange.broadcast_decompositions(plan, pre.blocks, names)
     for name in names:
         pre.blocks[name].finish(damping, plan.is_grad_worker(name, pre.rank))
     pre.inversions += 1
     pre.layer_inversions += len(names)
     pre.last_inversion_step = pre.steps
+
+
+def check_damping(pre: KFACPreconditioner, names: list[str]) -> None:
+    """Once, at the first inversion, on rank 0 (the factors it owns): a damping above every
+    Kronecker eigenvalue makes the preconditioner about I / damping, i.e. SGD at lr / damping.
+    tr(A) tr(G) bounds the largest eigenvalue of A (x) G from above."""
+    pre.damping_checked = True
+    bounds = {}
+    for name in names:
+        block = pre.blocks[name]
+        a, g = block.active_factor("a"), block.running_g
+        if pre.rank == 0 and a is not None and g is not None:
+            trace_a = a.sum() if a.dim() == 1 else a.diagonal().sum()
+            bounds[name] = float(trace_a) * float(g.diagonal().sum())
+    damping = pre.hyperparameters.damping
+    if bounds and damping > max(bounds.values()):
+        largest = max(bounds, key=bounds.__getitem__)
+        where = f"layer {largest!r}" if largest else "the model (a single layer)"
+        warn(
+            f"K-FAC: damping {damping:g} exceeds every Kronecker eigenvalue of the layers' factors (at most "
+            f"{bounds[largest]:.3g}, in {where}), so the preconditioner is close to I / damping: K-FAC then steps "
+            f"like SGD with the learning rate divided by {damping:g}. Lower the damping; the measured settings are "
+            "in the README, 'When K-FAC helps, and how to set it'."
+        )
 
 
 def precondition(pre: KFACPreconditioner, ready: list[str], lr: float | None) -> None:

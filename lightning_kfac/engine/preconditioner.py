@@ -48,6 +48,10 @@ def _hyperparameter(name: str) -> property:
     return property(get, put, doc=hyperparameters.RULES[name].doc)
 
 
+#: what timings_ms holds, in the order of a step
+TIMED_PARTS = ("hooks", "factors", "inverse", "precondition", "total")
+
+
 class KFACPreconditioner:
     """Kronecker-factored preconditioning of every supported layer of ``model``.
 
@@ -71,11 +75,11 @@ class KFACPreconditioner:
         self,
         model: nn.Module,
         *,
-        damping: float = 1e-3,
-        factor_update_freq: int = 1,
-        inv_update_freq: int = 10,
-        factor_decay: float = 0.95,
-        kl_clip: float | None = 1e-3,
+        damping: float = hyperparameters.DEFAULTS["damping"],
+        factor_update_freq: int = hyperparameters.DEFAULTS["factor_update_freq"],
+        inv_update_freq: int = hyperparameters.DEFAULTS["inv_update_freq"],
+        factor_decay: float = hyperparameters.DEFAULTS["factor_decay"],
+        kl_clip: float | None = hyperparameters.DEFAULTS["kl_clip"],
         lr: float | Callable[[], float] | None = None,
         config: KFACConfig | None = None,
         **config_kwargs: Any,
@@ -93,29 +97,11 @@ class KFACPreconditioner:
         self._model = weakref.ref(model)
         layers, skipped = register_layers(model, self.config.skip_layers)
         make_block, config = self.config.block_class, self.config
-        self.blocks: dict[str, CurvatureBlock] = {
-            n: make_block(layer, config.factor_dtype, config.inverse_dtype) for n, layer in layers.items()
-        }
+        self.blocks: dict[str, CurvatureBlock] = {n: make_block(layer, *config.dtypes) for n, layer in layers.items()}
         workers = config.grad_workers_per_layer(self.world_size)
-        self.roster = LayerRoster(
-            layers, skipped, WorkPlan.build([], self.world_size, workers, config.assignment_cost, config.split_factors)
-        )
-        # float16 factors are summed in float32: products of loss-scaled gradients overflow it;
-        # the recorder calls back weakly, so the model's hooks never keep this object alive
-        sum_dtype = torch.float32 if config.factor_dtype == torch.float16 else config.factor_dtype
-        is_due, first_record, on_output_grad = (
-            _weak(m) for m in (self._is_due, self._first_record, self.exchange_on_output_grad)
-        )
-        self.recorder = Recorder(
-            layers,
-            sum_dtype,
-            config.cpu_threads,
-            is_due,
-            first_record,
-            on_output_grad,
-            config.factor_samples,
-            self.rank,
-        )
+        plan = WorkPlan.build([], self.world_size, workers, config.assignment_cost, config.split_factors)
+        self.roster = LayerRoster(layers, skipped, plan)
+        self.recorder = self._make_recorder(layers)
         self.exchange: Exchange = LocalExchange()
         self.schedule: FixedSchedule = FixedSchedule(self.hyperparameters)
         self._due_cache: tuple[int, frozenset[str]] | None = None
@@ -131,9 +117,33 @@ class KFACPreconditioner:
         #: non-finite (read at inversions, no extra synchronisation)
         self.decomposition_failures = 0
         self.nonfinite_factor_updates = 0
+        #: the damping was compared with the factors' scale (at the first inversion)
+        self.damping_checked = False
         self._warned_nonfinite: set[str] = set()
-        self.timings_ms: dict[str, float] = {"factors": 0.0, "inverse": 0.0, "precondition": 0.0}
+        #: milliseconds of the last step per part of TIMED_PARTS, and totals since construction
+        #: (host time unless sync_timings)
+        self.timings_ms: dict[str, float] = dict.fromkeys(TIMED_PARTS, 0.0)
+        self.timing_totals_ms: dict[str, float] = dict.fromkeys(TIMED_PARTS, 0.0)
         self.step_bytes = 0
+
+    def _make_recorder(self, layers: dict[str, Any]) -> Recorder:
+        # float16 factors are summed in float32: products of loss-scaled gradients overflow it;
+        # the recorder calls back weakly, so the model's hooks never keep this object alive
+        config = self.config
+        sum_dtype = torch.float32 if config.factor_dtype == torch.float16 else config.factor_dtype
+        is_due, first_record, on_output_grad = (
+            _weak(m) for m in (self._is_due, self._first_record, self.exchange_on_output_grad)
+        )
+        return Recorder(
+            layers,
+            sum_dtype,
+            config.cpu_threads,
+            is_due,
+            first_record,
+            on_output_grad,
+            config.factor_samples,
+            self.rank,
+        )
 
     # --- settings ------------------------------------------------------------------------------
     @property
@@ -164,6 +174,7 @@ class KFACPreconditioner:
         if value != self.schedule.config:
             schedule = make_schedule(value, self.hyperparameters, self.config.inverse_dtype, self.config.split_factors)
             self.schedule.sync()
+            schedule.load_last_updates(self.schedule.last_updates(), self.steps, [])
             self.schedule = schedule
             for name in self.blocks:
                 self.schedule.join(name, self.steps)
@@ -280,10 +291,12 @@ class KFACPreconditioner:
         if ready:
             phases.precondition(self, ready, lr)
         marks.append(self._clock())
-        self.timings_ms = {
-            part: (b - a) * 1e3
-            for part, (a, b) in zip(("factors", "inverse", "precondition"), pairwise(marks), strict=True)
-        }
+        timings = {part: (b - a) * 1e3 for part, (a, b) in zip(TIMED_PARTS[1:4], pairwise(marks), strict=True)}
+        timings["hooks"] = self.recorder.hook_seconds * 1e3
+        timings["total"] = sum(timings.values())
+        self.timings_ms = timings
+        for part, ms in timings.items():
+            self.timing_totals_ms[part] += ms
         self.step_bytes = self.exchange.total_bytes() - bytes_before
 
     def _end_step(self) -> None:

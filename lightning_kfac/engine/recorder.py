@@ -13,6 +13,7 @@ autograd is enabled, the layer's weight trains, and the schedule has the layer d
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -95,6 +96,8 @@ class Recorder:
         #: the engine's step counter (seeds this step's sample draw)
         self.step = 0
         self._subsets: dict[tuple[int, str], Tensor] = {}
+        #: host seconds spent in the hooks since the last step (the factor statistics)
+        self.hook_seconds = 0.0
         self._started = False
         # backward passes seen; a pass ends in a callback autograd runs when it finishes
         self._passes = 0
@@ -138,7 +141,14 @@ class Recorder:
         if not self._started:
             self._started = True
             self._on_first_record()
-        x, layer, record = inputs[0], self.layers[name], self.records[name]
+        start = time.perf_counter()
+        try:
+            self._record_rows(name, inputs[0], output)
+        finally:
+            self.hook_seconds += time.perf_counter() - start
+
+    def _record_rows(self, name: str, x: Tensor, output: Tensor) -> None:
+        layer, record = self.layers[name], self.records[name]
         batch = layer.batch_size(x)
         subset = self._subset(batch, x) if x.dim() > 1 else None
         if subset is not None:  # a random subsample: G is scaled by B / b once more (unbiased)
@@ -173,6 +183,7 @@ class Recorder:
         return self._subsets[key]
 
     def _record_output_grad(self, name: str, weight: float, mask: Tensor | None, grad: Tensor) -> None:
+        start = time.perf_counter()
         self._enter_backward_pass()
         record = self.records[name]
         with torch.no_grad(), _autocast_off(grad), intra_op_threads(self.cpu_threads):
@@ -186,6 +197,7 @@ class Recorder:
             if record.last_pass != self._passes:
                 record.last_pass = self._passes
                 record.g_passes += 1
+        self.hook_seconds += time.perf_counter() - start
         self._on_output_grad()
 
     def _enter_backward_pass(self) -> None:
@@ -254,6 +266,7 @@ class Recorder:
         self._started = False
         self._in_backward = False
         self._subsets.clear()
+        self.hook_seconds = 0.0
 
     def anything_recorded(self) -> bool:
         return any(not record.empty for record in self.records.values())

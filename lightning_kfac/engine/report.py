@@ -189,28 +189,66 @@ def fit_summary(
     adaptive: StalenessConfig | None = None,
     max_rows: int = 24,
 ) -> str:
-    """One screen: preconditioned layers (kind, factor shapes, owners, gradient workers),
-    skipped layers and why, the distribution mode, and the estimated memory per rank."""
+    """One screen, true from the first step: the preconditioned layers (kind, factor shapes; owners
+    and gradient workers when there are several ranks), the layers left out and why, the
+    first-order parameters by reason, and the estimated memory."""
     plan = pre.prospective_plan()
     layers = {n: layer for n, layer in pre.layers.items() if n in plan.a_owner}
     skipped = pre.skipped + pre.frozen_layers()
     config = pre.config
+    dtypes = f"{str(config.factor_dtype).removeprefix('torch.')} factors"
     lines = [
-        f"K-FAC: {len(layers)} layer(s) preconditioned, {len(skipped)} skipped | world size {plan.world_size}, "
-        f"{plan.mode} ({plan.grad_workers} gradient worker(s) per layer) | {config.inverse_method}, "
-        f"factors {str(config.factor_dtype).removeprefix('torch.')}, "
-        f"inverses {str(config.inverse_dtype).removeprefix('torch.')}"
+        f"K-FAC: {len(layers)} layer(s) preconditioned ({config.inverse_method}, {config.damping_mode} damping, "
+        f"{dtypes}), {len(skipped)} left out"
     ]
+    if plan.world_size > 1:
+        lines.append(f"  {plan.world_size} ranks, {plan.mode}: {plan.grad_workers} gradient worker(s) per layer")
     if hyperparameters:
         hp = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in hyperparameters.items())
-        lines.append(f"  hyperparameters at start: {hp}")
+        lines.append(f"  {hp}")
     if adaptive is not None:
         lines.append(_adaptive_line(adaptive))
     lines += _layer_table(layers, plan, max_rows) + _skipped_lines(skipped, max_rows)
+    lines += _first_order_lines(pre, {s.name for s in skipped})
     memory = estimated_memory(pre, plan)
     if memory and layers:
         lines += _memory_lines(memory)
     return "\n".join(lines)
+
+
+def first_order_groups(pre: KFACPreconditioner, left_out: set[str]) -> dict[str, list[str]]:
+    """The first-order parameters by reason: the kind of module that holds them (norms, layers
+    left out), or "bare parameters" of a module that is not a layer (MultiheadAttention's
+    in_proj_weight, positional embeddings)."""
+    model = pre.model
+    if model is None:
+        return {}
+    modules = dict(model.named_modules())
+    groups: dict[str, list[str]] = {}
+    for name in pre.first_order_parameters():
+        owner = name.rpartition(".")[0]
+        module = modules.get(owner)
+        kind = type(module).__name__ if module is not None else "?"
+        if owner in left_out:
+            reason = f"layers left out ({kind})"
+        elif isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)):
+            reason = f"normalisation ({kind})"
+        else:
+            reason = f"bare parameters of {kind}"
+        groups.setdefault(reason, []).append(name)
+    return groups
+
+
+def _first_order_lines(pre: KFACPreconditioner, left_out: set[str], shown: int = 3) -> list[str]:
+    groups = first_order_groups(pre, left_out)
+    if not groups:
+        return []
+    count = sum(len(names) for names in groups.values())
+    lines = [f"  first-order (plain gradient): {count} parameter tensor(s)"]
+    for reason, names in groups.items():
+        more = f" (+{len(names) - shown})" if len(names) > shown else ""
+        lines.append(f"    {reason}: {', '.join(names[:shown])}{more}")
+    return lines
 
 
 def _adaptive_line(adaptive: StalenessConfig) -> str:
@@ -227,16 +265,17 @@ def _adaptive_line(adaptive: StalenessConfig) -> str:
 def _layer_table(layers: dict[str, Any], plan: WorkPlan, max_rows: int) -> list[str]:
     if not layers:
         return []
-    rows = [("layer", "kind", "A", "G", "owner A/G", "workers")]
+    distributed = plan.world_size > 1
+    rows: list[tuple[str, ...]] = [("layer", "kind", "A", "G", *(("owner A/G", "workers") if distributed else ()))]
     order = sorted(layers, key=lambda n: -(layers[n].a_dim ** 3 + layers[n].g_dim ** 3))
     shown = set(order[:max_rows])
     for name, layer in layers.items():
         if name in shown:
-            owners = f"{plan.a_owner[name]}/{plan.g_owner[name]}"
-            workers = _ranks(plan.grad_worker_ranks(name), plan.world_size)
-            rows.append(
-                (name or "(model)", layer.kind, layer.a_layout.describe(), layer.g_layout.describe(), owners, workers)
-            )
+            row: tuple[str, ...] = (name or "(model)", layer.kind, layer.a_layout.describe(), layer.g_layout.describe())
+            if distributed:
+                workers = _ranks(plan.grad_worker_ranks(name), plan.world_size)
+                row += (f"{plan.a_owner[name]}/{plan.g_owner[name]}", workers)
+            rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     if len(layers) > max_rows:
@@ -249,7 +288,7 @@ def _layer_table(layers: dict[str, Any], plan: WorkPlan, max_rows: int) -> list[
 def _skipped_lines(skipped: list[Any], max_rows: int) -> list[str]:
     if not skipped:
         return []
-    lines = ["  skipped (plain gradient):"]
+    lines = ["  left out (plain gradient):"]
     shown = skipped[:max_rows]
     width = max(len(s.name or "(model)") for s in shown)
     lines += [f"    {(s.name or '(model)').ljust(width)}  {s.kind}: {s.reason}" for s in shown]
@@ -261,12 +300,44 @@ def _skipped_lines(skipped: list[Any], max_rows: int) -> list[str]:
 def _memory_lines(memory: list[dict[str, int]]) -> list[str]:
     worst = max(range(len(memory)), key=lambda r: memory[r]["total"])
     m = memory[worst]
+    where = f", rank {worst} (the most loaded)" if len(memory) > 1 else ""
     lines = [
-        f"  estimated memory, rank {worst} (the most loaded): {format_bytes(m['total'])} = factors "
-        f"{format_bytes(m['factors'])} + step accumulators {format_bytes(m['accumulators'])} + decompositions "
-        f"{format_bytes(m['decompositions'])}"
+        f"  estimated memory{where}: {format_bytes(m['total'])} = factors {format_bytes(m['factors'])} + step "
+        f"accumulators {format_bytes(m['accumulators'])} + decompositions {format_bytes(m['decompositions'])}"
     ]
     if len(memory) > 1:
         per_rank = ", ".join(f"{r}: {format_bytes(m['total'])}" for r, m in enumerate(memory[:16]))
         lines.append(f"  per rank: {per_rank}{' ...' if len(memory) > 16 else ''}")
     return lines
+
+
+class TimingWindow:
+    """The engine's running totals at the previous log, so that the next log reports means per
+    optimizer step over the steps in between (amortised costs, whatever the intervals)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.totals: dict[str, float] = {}
+        self.bytes = 0
+        self.synced_ms = 0.0
+        self.synced_steps = 0
+
+    def reset(self, pre: KFACPreconditioner) -> None:
+        self.steps, self.totals, self.bytes = pre.steps, dict(pre.timing_totals_ms), pre.exchange.total_bytes()
+        self.synced_ms, self.synced_steps = 0.0, 0
+
+    def add_synced(self, step_ms: float | None) -> None:
+        if step_ms is not None:
+            self.synced_ms += step_ms
+            self.synced_steps += 1
+
+    def advance(self, pre: KFACPreconditioner, step_ms: float | None) -> dict[str, float]:
+        steps = max(1, pre.steps - self.steps)
+        out = {
+            f"time_{part}_ms": (ms - self.totals.get(part, 0.0)) / steps for part, ms in pre.timing_totals_ms.items()
+        }
+        out["comm_bytes"] = (pre.exchange.total_bytes() - self.bytes) / steps
+        if self.synced_steps:
+            out["time_step_ms"] = self.synced_ms / self.synced_steps
+        self.reset(pre)
+        return out

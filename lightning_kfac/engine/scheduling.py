@@ -31,8 +31,11 @@ Agree = Callable[[Tensor], Any]
 
 
 class FixedSchedule:
-    """Every layer on the global intervals: factors when ``step % factor_update_freq == 0``,
-    inversions when ``step % inv_update_freq == 0``."""
+    """Every layer on the global intervals, counted from its own last update: factors when
+    ``step >= last factor update + factor_update_freq``, inversions likewise with
+    ``inv_update_freq``, the intervals in force at that step. A scheduled interval (a warm-up of
+    ``inv_update_freq``, say) thus spaces the updates as scheduled; counting multiples of the
+    interval instead would leave gaps of up to twice it."""
 
     config: StalenessConfig | None = None
 
@@ -40,18 +43,24 @@ class FixedSchedule:
         self.hyperparameters = hyperparameters
         #: per-layer interval trackers (adaptive mode; empty here)
         self.trackers: dict[str, LayerStaleness] = {}
+        #: per layer, the step of its last factor update and of its last inversion
+        self.last_factor_update: dict[str, int] = {}
+        self.last_inversion: dict[str, int] = {}
 
     def factors_due(self, name: str, step: int) -> bool:
-        return step % self.hyperparameters.factor_update_freq == 0
+        last = self.last_factor_update.get(name)
+        return last is None or step >= last + self.hyperparameters.factor_update_freq
 
     def inversion_due(self, name: str, step: int) -> bool:
-        return step % self.hyperparameters.inv_update_freq == 0
+        last = self.last_inversion.get(name)
+        return last is None or step >= last + self.hyperparameters.inv_update_freq
 
     def join(self, name: str, step: int) -> None:
         """A layer enters the schedule (registration, or its first factors)."""
 
     def after_factor_update(self, names: list[str], step: int) -> None:
-        pass
+        for name in names:
+            self.last_factor_update[name] = step
 
     def observer(self, name: str, side: str) -> Observer | None:
         return None
@@ -59,7 +68,27 @@ class FixedSchedule:
     def before_inversion(
         self, names: list[str], step: int, blocks: dict[str, CurvatureBlock], owns: Callable[[str], bool], agree: Agree
     ) -> None:
-        pass
+        for name in names:
+            self.last_inversion[name] = step
+
+    def last_updates(self) -> dict[str, dict[str, int]]:
+        """The per-layer last steps (checkpointed)."""
+        return {"factors": dict(self.last_factor_update), "inversions": dict(self.last_inversion)}
+
+    def load_last_updates(self, saved: dict[str, dict[str, int]] | None, step: int, names: list[str]) -> None:
+        """Restore :meth:`last_updates`; a state written before they were kept continues as that
+        code did (the next update at the next multiple of the interval)."""
+        if saved is not None:
+            self.last_factor_update = {n: int(s) for n, s in saved["factors"].items()}
+            self.last_inversion = {n: int(s) for n, s in saved["inversions"].items()}
+            return
+        hyper = self.hyperparameters
+        for interval, last in (
+            (hyper.factor_update_freq, self.last_factor_update),
+            (hyper.inv_update_freq, self.last_inversion),
+        ):
+            for name in names:
+                last[name] = -(-step // interval) * interval - interval
 
     def sync(self) -> bool:
         """Apply decisions agreed since the last step; True when any changed."""
@@ -102,6 +131,7 @@ class AdaptiveSchedule(FixedSchedule):
         self.next_inverse_step[name] = step
 
     def after_factor_update(self, names: list[str], step: int) -> None:
+        super().after_factor_update(names, step)
         for name in names:
             self.next_factor_step[name] = step + self.trackers[name].factor_interval
 
@@ -129,6 +159,7 @@ class AdaptiveSchedule(FixedSchedule):
     ) -> None:
         """Owners measure each layer's change since its last inversion and pick the next
         intervals; every rank learns them at the next step."""
+        super().before_inversion(names, step, blocks, owns, agree)
         # row 0: the next interval, row 1: the hold count (probe_after); owners write, others 0
         intervals = torch.zeros(2, len(names), dtype=torch.int64)
         for i, name in enumerate(names):

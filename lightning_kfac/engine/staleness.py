@@ -60,7 +60,7 @@ No torch.distributed, no Lightning.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -168,6 +168,16 @@ class StalenessConfig:
                 raise TypeError(
                     f"StalenessConfig: {flag} must be True or False, got {value!r} ({type(value).__name__})"
                 )
+
+    @classmethod
+    def from_state(cls, saved: dict[str, Any]) -> tuple[StalenessConfig, list[str]]:
+        """The settings a checkpoint recorded, and the names in it this version does not know.
+        A switch added after the checkpoint was written is set to what the run was measured
+        without."""
+        known = {f.name for f in fields(cls)}
+        added_later = {"noise_corrected": False, "damped": False, "probe_after": None}
+        config = cls(**{**added_later, **{k: v for k, v in saved.items() if k in known}})
+        return config, sorted(set(saved) - known)
 
     @property
     def upper_threshold(self) -> float:

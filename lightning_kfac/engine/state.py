@@ -7,6 +7,8 @@ Version 2::
     steps              optimizer steps taken
     hyperparameters    {damping, factor_update_freq, inv_update_freq, factor_decay, kl_clip}
     inverse_method     "eigen" | "cholesky"
+    damping_mode       "factored" | "exact" (absent in states written before; then the mode
+                       that was the method's only or default one: exact for eigen)
     inversions         steps that inverted at least one layer; layer_inversions: their total
     adaptive           per-layer interval trackers (stale statistics) or None
     has_factors        any layer has factors; has_inverse: any layer is decomposed
@@ -16,6 +18,9 @@ Version 2::
     layer_meta         {layer: {a_updates, g_updates, inversions, decomposed_with_bias,
                        row_scale}}
     last_inversion_step  the engine step of the last inversion (None before one)
+    last_updates       {factors: {layer: step}, inversions: {layer: step}}: each layer's last
+                       factor update and inversion (absent in states written before; then the
+                       next update comes at the next multiple of the interval, as it did)
 
 Version 1 (before release 0.2) had no ``layer_meta`` (the counters are inferred from which
 tensors a layer has) and could hold ``inverse_damping`` as one number.
@@ -93,11 +98,23 @@ def check_shapes(layers: dict[str, dict[str, Tensor]], blocks: dict[str, Curvatu
                 )
 
 
-def check_method(state: dict[str, Any], inverse_method: str) -> None:
+#: the damping mode of states that do not record one
+_FORMER_DAMPING = {"eigen": "exact", "cholesky": "factored"}
+
+
+def check_method(state: dict[str, Any], inverse_method: str, damping_mode: str) -> None:
+    """A state decomposed with another inverse method is refused. Another damping mode is
+    allowed (the decompositions do not depend on it) and said once: the steps change."""
     if state["inverse_method"] != inverse_method and state["has_inverse"]:
         raise ValueError(
             f"the state was saved with inverse_method={state['inverse_method']!r}, this preconditioner "
             f"uses {inverse_method!r}"
+        )
+    saved_mode = state.get("damping_mode", _FORMER_DAMPING.get(state["inverse_method"]))
+    if saved_mode != damping_mode and state["has_inverse"]:
+        warn(
+            f"K-FAC: the state was saved with damping_mode={saved_mode!r}; this preconditioner uses "
+            f"{damping_mode!r} from now on (pass damping_mode={saved_mode!r} to continue as before)"
         )
 
 
@@ -111,10 +128,12 @@ def capture(pre: KFACPreconditioner) -> dict[str, Any]:
         "steps": pre.steps,
         "hyperparameters": pre.hyperparameters.as_dict(),
         "inverse_method": pre.config.inverse_method,
+        "damping_mode": pre.config.damping_mode,
         "inversions": pre.inversions,
         "layer_inversions": pre.layer_inversions,
         "last_inversion_step": pre.last_inversion_step,
         "adaptive": pre.schedule.state_dict(),
+        "last_updates": pre.schedule.last_updates(),
         "has_factors": pre.has_factors,
         "has_inverse": pre.has_inverse,
         "inverse_damping": {n: blocks[n].damping for n in planned if blocks[n].damping is not None},
@@ -126,7 +145,7 @@ def capture(pre: KFACPreconditioner) -> dict[str, Any]:
 def restore(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     """Put ``state`` (any supported version, any world size) in force on ``pre`` at once."""
     state = migrate(state, pre.blocks)
-    check_method(state, pre.config.inverse_method)
+    check_method(state, pre.config.inverse_method, pre.config.damping_mode)
     check_shapes(state["layers"], pre.blocks)
     pre.hyperparameters.load(state["hyperparameters"])
     pre.steps = int(state["steps"])
@@ -159,3 +178,4 @@ def restore(pre: KFACPreconditioner, state: dict[str, Any]) -> None:
     for name in pre.blocks:
         pre.schedule.join(name, pre.steps)
     pre.schedule.load_state_dict(state.get("adaptive"))
+    pre.schedule.load_last_updates(state.get("last_updates"), pre.steps, saved)

@@ -23,11 +23,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(fn: Callable, rank: int, world_size: int, port: int, queue: Any, args: tuple, kwargs: dict) -> None:
+def _worker(
+    fn: Callable, rank: int, world_size: int, port: int, threads: int, queue: Any, args: tuple, kwargs: dict
+) -> None:
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     try:
@@ -44,13 +46,16 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, queue: Any, arg
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
-    """``fn(rank, world_size, *args, **kwargs)`` on every rank; returns the results by rank."""
+def run_distributed(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 120.0, threads: int = 1, **kwargs: Any
+) -> list[Any]:
+    """``fn(rank, world_size, *args, **kwargs)`` on every rank, each with ``threads`` intra-op
+    threads; returns the results by rank. Forked, so the ranks share the caller's data."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(fn, rank, world_size, port, queue, args, kwargs), daemon=True)
+        ctx.Process(target=_worker, args=(fn, rank, world_size, port, threads, queue, args, kwargs), daemon=True)
         for rank in range(world_size)
     ]
     for proc in procs:
@@ -76,3 +81,27 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     if errors:
         raise AssertionError("distributed run failed:\n" + "\n".join(errors))
     return [results[rank] for rank in range(world_size)]
+
+
+#: the rendezvous variables an in-process Lightning run leaves behind: a launched child that
+#: inherits them joins the wrong process group
+LAUNCH_VARIABLES = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "GROUP_RANK",
+    "LOCAL_WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+    "PL_GLOBAL_SEED",
+    "PL_SEED_WORKERS",
+)
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """This process's environment without :data:`LAUNCH_VARIABLES`, updated with ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    env.update(extra)
+    return env

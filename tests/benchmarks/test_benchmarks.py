@@ -218,3 +218,50 @@ def test_staleness_verdict_picks_the_cheapest_fixed_interval_that_reaches_the_ad
         r.update(layer_inversions=10, test_acc=0.80)
     (entry,) = verdicts(runs)
     assert entry["reference"] == "fixed-100" and not entry["accuracy_kept"] and not entry["met"]
+
+
+def test_batch_scaling_smoke_runs_every_stage_and_writes_its_figures(tmp_path):
+    out = tmp_path / "bs"
+    result = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "batch_scaling.py"), "--smoke", "--out", str(out)],
+        cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name in ("RESULTS.md", "summary.json", "steps_to_target.png", "seconds_to_target.png", "step_cost.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    for task in summary["tasks"]:
+        assert [row["batch"] for row in task["rows"]] == [8, 32]
+        for row in task["rows"]:
+            for method in ("sgd", "adamw", "kfac"):
+                entry = row["methods"][method]
+                # the same number of trials for every method, and the final seeds on the chosen setting
+                assert len(entry["trials"]) == task["trials_per_method"][str(row["batch"])]
+                assert entry["seeds"] == [0, 1] and len(entry["steps_to_target"]) == 2
+                assert entry["step_ms"] > 0
+    # the 2-process check at the largest batch: the same steps to target as one process
+    for name in ("mlp", "cnn"):
+        dist = json.loads((out / f"dist_{name}.json").read_text())
+        assert dist["agree"] and dist["steps_to_target_1_process"] == dist["steps_to_target_n_processes"], dist
+        ablation = json.loads((out / f"ablation_{name}.json").read_text())
+        assert {row["variant"] for row in ablation} == {"chosen", "momentum 0.9", "eigen, exact damping"}
+
+
+def test_critical_batch_is_the_largest_within_2x_of_perfect_scaling_at_every_smaller_batch():
+    from batch_scaling import critical_batches
+
+    def rows(steps_by_method):
+        batches = [128, 512, 2048, 8192]
+        return [
+            {"batch": b, "methods": {m: {"steps_median": s[i]} for m, s in steps_by_method.items()}}
+            for i, b in enumerate(batches)
+        ]
+
+    # perfect scaling from 1000 at 128: 250, 62.5, 15.6; within 2x: <= 500, 125, 31.25
+    result = critical_batches(
+        rows({"sgd": [1000, 500, 130, 30], "adamw": [900, 400, 100, 60], "kfac": [400, 100, 30, 9]})
+    )
+    assert result["sgd"]["own"] == 512  # 130 > 125 at 2048 stops it, though 8192 would pass
+    assert result["adamw"]["own"] == 2048 and result["kfac"]["own"] == 8192 and result["kfac"]["own_is_lower_bound"]
+    # against the best method's start (K-FAC's 400 steps): AdamW's 900 is already over 2x at 128
+    assert result["adamw"]["common"] is None and result["sgd"]["common"] is None

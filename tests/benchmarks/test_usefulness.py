@@ -28,7 +28,8 @@ def _train(x, y, seed: int, kfac: bool) -> float:
     torch.manual_seed(seed)
     model = MLP((64, 64, 64, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    pre = KFACPreconditioner(model, damping=0.01, lr=LR) if kfac else None
+    # batch 64: the small-batch settings of the README's guidance (more damping, a tighter clip)
+    pre = KFACPreconditioner(model, damping=0.1, kl_clip=0.01, lr=LR) if kfac else None
     generator = torch.Generator().manual_seed(seed)
     for _ in range(STEPS):
         index = torch.randint(0, len(x), (BATCH,), generator=generator)

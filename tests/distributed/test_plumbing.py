@@ -75,7 +75,7 @@ class WideMLP(nn.Module):
 
 def _two_steps(rank, world_size, model, make_batch, **options):
     net = DistributedDataParallel(model) if world_size > 1 else model
-    pre = KFACPreconditioner(model, kl_clip=None, inv_update_freq=1, **options)
+    pre = KFACPreconditioner(model, kl_clip=None, inv_update_freq=1, factor_update_freq=1, **options)
     launched_in_backward = []
     for step in range(2):
         model.zero_grad()

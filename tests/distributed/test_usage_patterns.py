@@ -17,7 +17,14 @@ from lightning_kfac.testing.distributed import run_distributed
 from lightning_kfac.testing.oracles import capture_output_grads, linear_factors, relative_error
 
 GLOBAL_BATCH = 8
-SETTINGS = dict(damping=0.01, inv_update_freq=1, kl_clip=None, factor_dtype=torch.float64, inverse_dtype=torch.float64)
+SETTINGS = dict(
+    damping=0.01,
+    inv_update_freq=1,
+    factor_update_freq=1,
+    kl_clip=None,
+    factor_dtype=torch.float64,
+    inverse_dtype=torch.float64,
+)
 
 
 def _batches(steps: int, features: int, classes: int, seed: int = 0):

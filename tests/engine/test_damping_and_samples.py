@@ -90,7 +90,7 @@ def test_subsampled_factors_are_unbiased_over_draws():
     torch.manual_seed(4)
     layer = nn.Linear(4, 3)
     x, y = torch.randn(40, 4), torch.randn(40, 3)
-    pre = _pre(layer, factor_decay=0.0, factor_samples=8, inv_update_freq=1000)
+    pre = _pre(layer, factor_decay=0.0, factor_samples=8, inv_update_freq=1000, factor_update_freq=1)
     grads = capture_output_grads(layer)
     sums, draws = [torch.zeros(5, 5), torch.zeros(3, 3)], 400
     for _ in range(draws):  # the same batch and weights each step: only the draw changes

@@ -29,7 +29,7 @@ def _step(kl_clip: float, lr: float, scale: float):
     v = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1).clone()
     pre.step()
     a, g = linear_factors(x, grads[0], bias=True)
-    unclipped = damped_kronecker_solve(a, g, v, 0.01, "exact")
+    unclipped = damped_kronecker_solve(a, g, v, 0.01, "factored")
     out = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
     return pre, v, unclipped, out
 

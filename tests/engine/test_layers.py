@@ -53,7 +53,7 @@ def _pre(module, **kwargs):
 def test_linear_on_sequences_counts_every_position():
     torch.manual_seed(0)
     layer = nn.Linear(5, 3)
-    pre = _pre(layer, damping=0.02, inv_update_freq=1)
+    pre = _pre(layer, damping=0.02, inv_update_freq=1)  # cholesky, factored damping
     grads = _capture_output_grads(layer)
     batch, length = 4, 6
     x = torch.randn(batch, length, 5)
@@ -67,8 +67,7 @@ def test_linear_on_sequences_counts_every_position():
     running_a, running_g = pre.factors()[""]
     assert _rel(running_a, expected_a) < 1e-12 and _rel(running_g, expected_g) < 1e-12
     out = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
-    solve = torch.linalg.solve(torch.kron(expected_g, expected_a) + 0.02 * torch.eye(18), v.reshape(-1))
-    assert _rel(out, solve.reshape(v.shape)) < 1e-5
+    assert _rel(out, damped_kronecker_solve(expected_a, expected_g, v, 0.02, "factored")) < 1e-5
 
 
 # --- Conv1d / Conv3d ---------------------------------------------------------------------------
@@ -135,14 +134,14 @@ def test_grouped_convolution_is_skipped_with_a_reason():
 
 
 # --- Embedding ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["eigen", "cholesky"])
+@pytest.mark.parametrize("method,mode", [("eigen", "exact"), ("eigen", "factored"), ("cholesky", "factored")])
 @pytest.mark.parametrize("padding_idx", [None, 0])
-def test_embedding_diagonal_a_and_step_equal_explicit_solve(method, padding_idx):
+def test_embedding_diagonal_a_and_step_equal_explicit_solve(method, mode, padding_idx):
     torch.manual_seed(2)
     vocab, dim, batch, length = 7, 4, 3, 5
     emb = nn.Embedding(vocab, dim, padding_idx=padding_idx)
     damping = 0.05
-    pre = _pre(emb, damping=damping, inv_update_freq=1, inverse_method=method)
+    pre = _pre(emb, damping=damping, inv_update_freq=1, inverse_method=method, damping_mode=mode)
     grads = _capture_output_grads(emb)
     tokens = torch.randint(0, vocab, (batch, length))
     tokens[0, :2] = 0
@@ -159,14 +158,7 @@ def test_embedding_diagonal_a_and_step_equal_explicit_solve(method, padding_idx)
     running_a, running_g = pre.factors()[""]
     assert running_a.shape == (vocab,)  # a vector, never vocab x vocab
     assert _rel(running_a, expected_a) < 1e-12 and _rel(running_g, expected_g) < 1e-12
-    a = torch.diag(expected_a)
-    if method == "eigen":
-        system = torch.kron(expected_g, a) + damping * torch.eye(dim * vocab)
-    else:
-        pi = ((expected_a.mean()) / (torch.trace(expected_g) / dim)).sqrt()
-        root = damping**0.5
-        system = torch.kron(expected_g + root / pi * torch.eye(dim), a + pi * root * torch.eye(vocab))
-    expected = torch.linalg.solve(system, v.reshape(-1)).reshape(dim, vocab)
+    expected = damped_kronecker_solve(expected_a, expected_g, v, damping, mode)
     assert _rel(emb.weight.grad.T, expected) < 1e-5
 
 
@@ -212,7 +204,8 @@ class TinyTransformer(nn.Module):
 def test_transformer_encoder_preconditions_module_calls_and_reports_the_rest():
     torch.manual_seed(4)
     model = TinyTransformer()
-    pre = KFACPreconditioner(model, damping=0.01, lr=0.05)
+    # batch 8: the small-batch KL clip of the README's guidance (the default 0.1 oscillates here)
+    pre = KFACPreconditioner(model, damping=0.01, lr=0.05, kl_clip=0.01)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     tokens = torch.randint(0, 11, (8, 6))
     # independent record of the first step of a (B, T, in) sequence layer and of the head
@@ -237,9 +230,11 @@ def test_transformer_encoder_preconditions_module_calls_and_reports_the_rest():
             losses.append(loss.item())
     expected = {"embed", "head"} | {f"encoder.layers.{i}.linear{j}" for i in range(2) for j in (1, 2)}
     assert set(pre.layers) == expected
-    never_fired = {s.name for s in pre.skipped}
-    assert never_fired == {f"encoder.layers.{i}.self_attn.out_proj" for i in range(2)}
-    assert sum("never fired" in str(w.message) for w in caught) == 1
+    # out_proj is called functionally by the attention: known at registration, so it is reported
+    # in the summary and no "never fired" warning comes later
+    out_projs = {f"encoder.layers.{i}.self_attn.out_proj" for i in range(2)}
+    assert {s.name: "MultiheadAttention" in s.reason for s in pre.skipped} == dict.fromkeys(out_projs, True)
+    assert not any("never fired" in str(w.message) for w in caught)
     first_order = set(pre.first_order_parameters())
     assert "position" in first_order and "encoder.layers.0.self_attn.in_proj_weight" in first_order
     assert "encoder.layers.0.norm1.weight" in first_order and "head.weight" not in first_order
@@ -248,7 +243,7 @@ def test_transformer_encoder_preconditions_module_calls_and_reports_the_rest():
     # factors: 1e-4; the plain gradient is ~1 away), times the KL-clip scale
     for name in checked:
         a, g = linear_factors(inputs[name][0], output_grads[name][0], bias=True)
-        expected = damped_kronecker_solve(a, g, plain[name], 0.01, "exact")
+        expected = damped_kronecker_solve(a, g, plain[name], 0.01, "factored")
         assert _rel(first[name] / kl_scale, expected) < 1e-4, name
         assert _rel(plain[name], expected) > 0.5, name
 
@@ -301,6 +296,6 @@ def test_float64_model_with_float32_factors_trains():
     assert pre.factors()["fc1"][0].dtype == torch.float32
     # the step is the float64 damped Kronecker solve up to float32 rounding of the factors
     a, g = linear_factors(inputs[0], output_grads[0], bias=True)
-    expected = damped_kronecker_solve(a, g, plain, pre.damping, "exact")
+    expected = damped_kronecker_solve(a, g, plain, pre.damping, "factored")
     assert _rel(_weight_and_bias_grad(model.fc1) / float(pre.last_kl_scale), expected) < 1e-4
     assert _rel(plain, expected) > 0.5

@@ -66,7 +66,9 @@ SHAPES = [(16, 5, 3), (7, 12, 4), (32, 3, 9), (4, 8, 8)]
 def test_eigen_step_equals_kronecker_solve(batch, n_in, n_out, bias, damping):
     layer, x, target = _linear_problem(batch, n_in, n_out, bias, seed=batch + n_in)
     a, g = _expected_factors(layer, x, target)
-    _, v, preconditioned = _run_step(layer, x, target, damping=damping, kl_clip=None, inv_update_freq=1)
+    _, v, preconditioned = _run_step(
+        layer, x, target, damping=damping, kl_clip=None, inv_update_freq=1, inverse_method="eigen", damping_mode="exact"
+    )
     # (G (x) A + lambda I) vec(V') = vec(V), vec row-major over V (out, in+1)
     system = torch.kron(g, a) + damping * torch.eye(g.shape[0] * a.shape[0])
     expected = torch.linalg.solve(system, v.reshape(-1)).reshape(v.shape)
@@ -94,7 +96,7 @@ def test_cholesky_step_equals_factored_tikhonov(batch, n_in, n_out, bias):
 def test_running_average_first_update_replaces_then_ema():
     layer, _, _ = _linear_problem(10, 4, 3, True, seed=0)
     decay = 0.8
-    pre = KFACPreconditioner(layer, factor_decay=decay, kl_clip=None, factor_dtype=torch.float64)
+    pre = KFACPreconditioner(layer, factor_decay=decay, factor_update_freq=1, kl_clip=None, factor_dtype=torch.float64)
     expected_a, expected_g = None, None
     for step in range(3):
         x = torch.randn(10, 4)
@@ -216,8 +218,9 @@ def test_conv2d_step_equals_kronecker_solve():
     x = torch.randn(4, 2, 5, 5)
     damping = 0.05
     pre = KFACPreconditioner(
-        conv, factor_dtype=torch.float64, inverse_dtype=torch.float64, kl_clip=None, damping=damping
-    )
+        conv, factor_dtype=torch.float64, inverse_dtype=torch.float64, kl_clip=None, damping=damping,
+        inverse_method="eigen", damping_mode="exact",
+    )  # fmt: skip
     (conv(x).tanh().sum() / 4).backward()
     v = torch.cat([conv.weight.grad.reshape(3, -1), conv.bias.grad[:, None]], dim=1).clone()
     pre.step()

@@ -79,15 +79,20 @@ def test_discarded_preconditioner_is_collected_and_its_hooks_go():
 
 
 class TinyAttention(nn.Module):
+    """MultiheadAttention (its out_proj is called functionally) and a Linear the model itself
+    calls functionally (``F.linear`` with its weight): neither's hooks ever fire."""
+
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Linear(8, 16)
         self.attn = nn.MultiheadAttention(16, num_heads=2, batch_first=True)
+        self.proj = nn.Linear(16, 16)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):
         h = self.embed(x)
         h, _ = self.attn(h, h, h, need_weights=False)
+        h = torch.tanh(F.linear(h, self.proj.weight, self.proj.bias))
         return self.head(h.mean(1))
 
 
@@ -96,40 +101,44 @@ def _grad_matrix(layer: nn.Linear) -> torch.Tensor:
     return torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1).clone()
 
 
-def test_functional_out_proj_warns_once_and_trains():
+def test_functional_layers_are_reported_and_keep_their_plain_gradient():
     torch.manual_seed(0)
     model = TinyAttention()
     pre = KFACPreconditioner(model, damping=0.01)
-    assert "attn.out_proj" in pre.layers  # registered: it is an nn.Linear
+    # known from the start: MultiheadAttention always calls out_proj functionally
+    assert "attn.out_proj" not in pre.layers
+    assert any(s.name == "attn.out_proj" and "functionally" in s.reason for s in pre.skipped)
+    assert "proj" in pre.layers  # registered: nothing tells yet that its hooks never fire
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(16, 5, 8), torch.randint(0, 3, (16,))
     head_inputs: list[torch.Tensor] = []
     model.head.register_forward_hook(lambda mod, args, output: head_inputs.append(args[0].detach().clone()))
     head_output_grads = capture_output_grads(model.head)
     losses, out_proj_plain, head_plain, head_first = [], [], None, None
-    with pytest.warns(UserWarning, match=r"attn\.out_proj") as record:
+    with pytest.warns(UserWarning, match=r"hooks of proj never fired") as record:
         for step in range(10):
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
-            out_proj_grad = _grad_matrix(model.attn.out_proj)
+            functional_grads = [_grad_matrix(model.attn.out_proj), _grad_matrix(model.proj)]
             if step == 0:
                 head_plain = _grad_matrix(model.head)
             pre.step(lr=0.1)
-            out_proj_plain.append(torch.equal(_grad_matrix(model.attn.out_proj), out_proj_grad))
+            after = [_grad_matrix(model.attn.out_proj), _grad_matrix(model.proj)]
+            out_proj_plain.append(all(torch.equal(a, b) for a, b in zip(after, functional_grads, strict=True)))
             if step == 0:
                 head_first = _grad_matrix(model.head) / float(pre.last_kl_scale)
             optimizer.step()
             losses.append(loss.item())
     assert sum("never fired" in str(w.message) for w in record) == 1
-    assert "attn.out_proj" not in pre.layers
-    assert any(s.name == "attn.out_proj" for s in pre.skipped)
+    assert "proj" not in pre.layers and "attn.out_proj" not in pre.layers
+    assert any(s.name == "proj" and "never fired" in s.reason for s in pre.skipped)
     assert losses[-1] < losses[0]
     # out_proj trains on its plain gradient at every step; the head is preconditioned: its first
     # step is the damped Kronecker solve (float32 factors: 1e-4; the plain gradient is ~1 away)
     assert all(out_proj_plain)
     a, g = linear_factors(head_inputs[0].double(), head_output_grads[0].double(), bias=True)
-    expected = damped_kronecker_solve(a, g, head_plain.double(), 0.01, "exact")
+    expected = damped_kronecker_solve(a, g, head_plain.double(), 0.01, "factored")
     assert relative_error(head_first.double(), expected) < 1e-4
     assert relative_error(head_plain.double(), expected) > 0.5
 

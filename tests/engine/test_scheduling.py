@@ -31,8 +31,10 @@ def test_settled_factors_stretch_intervals_and_save_inversions():
     adaptive_model.load_state_dict(fixed_model.state_dict())
     x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
     batches = [(x, y)] * 40  # the same batch: factors stop moving after the first updates
-    fixed = KFACPreconditioner(fixed_model, kl_clip=None, inv_update_freq=2, factor_decay=0.5)
-    adaptive = KFACPreconditioner(adaptive_model, kl_clip=None, inv_update_freq=2, factor_decay=0.5)
+    fixed = KFACPreconditioner(fixed_model, kl_clip=None, inv_update_freq=2, factor_update_freq=1, factor_decay=0.5)
+    adaptive = KFACPreconditioner(
+        adaptive_model, kl_clip=None, inv_update_freq=2, factor_update_freq=1, factor_decay=0.5
+    )
     adaptive.staleness = StalenessConfig(threshold=0.01, min_interval=2, max_interval=16)
     _run(fixed_model, fixed, batches)
     _run(adaptive_model, adaptive, batches)
@@ -54,7 +56,9 @@ def test_sampling_noise_alone_does_not_hold_a_wide_layer_at_short_intervals():
     for corrected in (False, True):
         torch.manual_seed(0)
         model = MLP()
-        pre = KFACPreconditioner(model, kl_clip=None, inv_update_freq=4, factor_update_freq=1, factor_decay=0.9)
+        pre = KFACPreconditioner(
+            model, kl_clip=None, inv_update_freq=4, factor_update_freq=1, factor_decay=0.9, damping=1e-3
+        )
         pre.staleness = StalenessConfig(threshold=0.1, min_interval=4, max_interval=64, noise_corrected=corrected)
         _run(model, pre, batches)
         intervals[corrected] = [t.inverse_interval for t in pre.staleness_states.values()]
@@ -76,7 +80,9 @@ def test_damped_changes_let_layers_go_stale_where_damping_dominates(method):
     for damped in (False, True):
         torch.manual_seed(0)
         model = MLP()
-        pre = KFACPreconditioner(model, kl_clip=None, damping=100.0, inv_update_freq=4, inverse_method=method)
+        pre = KFACPreconditioner(
+            model, kl_clip=None, damping=100.0, inv_update_freq=4, factor_update_freq=1, inverse_method=method
+        )
         pre.staleness = StalenessConfig(
             threshold=0.05, min_interval=4, max_interval=64, noise_corrected=False, damped=damped
         )
@@ -138,7 +144,7 @@ def test_the_measured_change_is_that_of_the_damped_factors(noise_corrected):
 
 
 def test_adaptive_intervals_refuse_split_factors():
-    pre = KFACPreconditioner(MLP(), kl_clip=None, split_factors=True)
+    pre = KFACPreconditioner(MLP(), kl_clip=None, split_factors=True, inverse_method="eigen")
     with pytest.raises(ValueError, match="split_factors=True"):
         pre.staleness = StalenessConfig()
 
@@ -170,6 +176,7 @@ def _adaptive_run(rank, world_size, fraction, config=None):
         model,
         lr=0.1,
         inv_update_freq=2,
+        factor_update_freq=1,
         factor_dtype=torch.float64,
         inverse_dtype=torch.float64,
         grad_worker_fraction=fraction,

@@ -45,7 +45,7 @@ def test_frozen_bias_gets_no_gradient_and_the_weight_is_preconditioned_as_a_bias
     layer = nn.Linear(5, 3)
     layer.bias.requires_grad_(False)
     bias_before = layer.bias.detach().clone()
-    pre = _pre(layer, inverse_method=method, damping=0.05)
+    pre = _pre(layer, inverse_method=method, damping_mode=damping_mode, damping=0.05)
     grads = capture_output_grads(layer)
     x = torch.randn(9, 5)
     (layer(x).sin().sum() / 9).backward()
@@ -80,7 +80,7 @@ def test_a_layer_unused_for_60_steps_keeps_its_factors_and_updates_them_when_use
     torch.manual_seed(1)
     model = TrunkWithAuxHead()
     decay = 0.95
-    pre = _pre(model, factor_decay=decay, inv_update_freq=10)
+    pre = _pre(model, factor_decay=decay, inv_update_freq=10, factor_update_freq=1)
     grads = capture_output_grads(model.aux)
     inputs = capture_inputs(model.aux)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -133,7 +133,7 @@ def test_a_layer_frozen_at_the_start_is_preconditioned_from_its_first_training_s
     pre.step()
     a, g = linear_factors(inputs[-1], grads[-1], bias=True)
     out = torch.cat([model.trunk.weight.grad, model.trunk.bias.grad[:, None]], 1)
-    assert relative_error(out, damped_kronecker_solve(a, g, v, 0.02, "exact")) <= 1e-8
+    assert relative_error(out, damped_kronecker_solve(a, g, v, 0.02, "factored")) <= 1e-8
 
 
 def test_a_layer_missing_from_a_loaded_state_starts_afresh_with_one_warning():
@@ -165,7 +165,7 @@ def test_a_layer_missing_from_a_loaded_state_starts_afresh_with_one_warning():
     assert not any("never fired" in m for m in messages), messages
     a, g = linear_factors(inputs[-1], grads[-1], bias=True)
     out = torch.cat([model.aux.weight.grad, model.aux.bias.grad[:, None]], 1)
-    assert relative_error(out, damped_kronecker_solve(a, g, v, 0.01, "exact")) <= 1e-8
+    assert relative_error(out, damped_kronecker_solve(a, g, v, 0.01, "factored")) <= 1e-8
 
 
 # --- item 6: float16 factors under loss scaling ----------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import yaml
 from digits import DigitsClassifier, DigitsDataModule
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kfac import KFACCallback, KFACPreconditioner  # importing lightning_kfac registers "kfac_ddp"
+from lightning_kfac.engine import hyperparameters as rules
 from lightning_kfac.engine.report import estimated_memory, fit_summary, layer_statistics
 from lightning_kfac.engine.report import format_bytes as _bytes
 from lightning_kfac.engine.staleness import LayerStaleness, StalenessConfig
@@ -28,11 +30,15 @@ from lightning_kfac.schedules import LinearWarmup, StepDecay
 from lightning_kfac.testing.models import MLP, SmallCNN
 from tests.conftest import quiet_trainer
 
-TIME_KEYS = ("kfac/time_factors_ms", "kfac/time_inverse_ms", "kfac/time_precondition_ms")
+TIME_KEYS = (
+    "kfac/time_hooks_ms",
+    "kfac/time_factors_ms",
+    "kfac/time_inverse_ms",
+    "kfac/time_precondition_ms",
+    "kfac/time_total_ms",
+)
 REQUIRED_KEYS = (
     "kfac/damping",
-    "kfac/factor_update_freq",
-    "kfac/inv_update_freq",
     "kfac/kl_clip_scale",
     "kfac/comm_bytes",
     *TIME_KEYS,
@@ -62,7 +68,7 @@ def test_logged_keys_reach_the_csv_logger_every_log_every_n_steps(tmp_path, clea
     trainer = _trainer(callbacks=[callback], logger=CSVLogger(str(tmp_path)), log_every_n_steps=2)
     _fit(trainer, DigitsClassifier(), datamodule=DigitsDataModule())
 
-    rows = [r for r in _csv_rows(str(tmp_path)) if r.get("kfac/damping")]
+    rows = [r for r in _csv_rows(str(tmp_path)) if r.get("kfac/time_total_ms")]
     for key in REQUIRED_KEYS:
         assert key in rows[0], key
     assert [int(r["step"]) for r in rows] == [1, 3, 5]  # every 2nd optimizer step
@@ -70,8 +76,17 @@ def test_logged_keys_reach_the_csv_logger_every_log_every_n_steps(tmp_path, clea
     # the value in force at each logged step: the schedule's
     assert float(by_step[1]["kfac/damping"]) == pytest.approx(1e-2 - 9e-3 / 4)
     assert float(by_step[5]["kfac/damping"]) == pytest.approx(1e-3)
+    # constants once, as the loggers' hyperparameters; the scheduled damping on every log
+    (hparams,) = glob.glob(os.path.join(str(tmp_path), "**", "hparams.yaml"), recursive=True)
+    with open(hparams) as f:
+        logged = yaml.safe_load(f)
+    assert (
+        logged["kfac/inv_update_freq"] == 10
+        and logged["kfac/factor_update_freq"] == rules.DEFAULTS["factor_update_freq"]
+    )
+    assert all(not row.get("kfac/inv_update_freq") for row in rows)
+    assert all(row["kfac/damping"] for row in rows)
     for row in rows:
-        assert float(row["kfac/inv_update_freq"]) == 10 and float(row["kfac/factor_update_freq"]) == 1
         assert 0 < float(row["kfac/kl_clip_scale"]) <= 1
         assert float(row["kfac/comm_bytes"]) == 0  # one process: nothing travels
         assert all(float(row[k]) >= 0 for k in TIME_KEYS)
@@ -125,16 +140,18 @@ def test_fit_start_summary_is_printed_and_right_and_diagnostics_are_logged(tmp_p
     text = callback.summary_text
     assert text is not None
     assert any(r.getMessage() == text for r in caplog.records)  # printed at fit start (rank zero, INFO)
-    assert "3 layer(s) preconditioned, 2 skipped | world size 1, COMM-OPT" in text
+    header = text.splitlines()[0]
+    assert header == "K-FAC: 3 layer(s) preconditioned (cholesky, factored damping, float32 factors), 2 left out"
+    assert "COMM-OPT" not in text and "owner" not in text  # one process: no distribution to show
     rows = {
         line.split()[0]: line.split()
         for line in text.splitlines()
         if line.startswith("  ") and not line.startswith("    ")
     }
-    # name, kind, A, G, owner A/G, workers
-    assert rows["conv"] == ["conv", "Conv2d", "10x10", "4x4", "0/0", "0"]
-    assert rows["fc"] == ["fc", "Linear", "145x145", "8x8", "0/0", "0"]
-    assert rows["head"] == ["head", "Linear", "9x9", "3x3", "0/0", "0"]
+    # name, kind, A, G
+    assert rows["conv"] == ["conv", "Conv2d", "10x10", "4x4"]
+    assert rows["fc"] == ["fc", "Linear", "145x145", "8x8"]
+    assert rows["head"] == ["head", "Linear", "9x9", "3x3"]
     skipped = {line.split()[0]: line for line in text.splitlines() if line.startswith("    ")}
     assert "groups=2" in skipped["grouped"] and "Conv2d" in skipped["grouped"]
     assert "frozen" in skipped["frozen"] and "requires_grad=False" in skipped["frozen"]
@@ -143,12 +160,12 @@ def test_fit_start_summary_is_printed_and_right_and_diagnostics_are_logged(tmp_p
         "change of the damped factors net of sampling noise, probe_after=2: "
         "a run of 2 changes in the hold band grows the interval" in text
     )
-    # memory: float32 running factors + step accumulators + eigen decompositions (q, d, 1/(dd^T+l))
+    # memory: float32 running factors + step accumulators + the two damped inverses (cholesky)
     dims = [(10, 4), (145, 8), (9, 3)]
-    total = sum(2 * 4 * (a * a + g * g) + 4 * (a * a + a + g * g + g + g * a) for a, g in dims)
-    assert f"estimated memory, rank 0 (the most loaded): {_bytes(total)}" in text
+    total = sum(2 * 4 * (a * a + g * g) + 4 * (a * a + g * g) for a, g in dims)
+    assert f"estimated memory: {_bytes(total)}" in text
 
-    rows = [r for r in _csv_rows(str(tmp_path)) if r.get("kfac/damping")]
+    rows = [r for r in _csv_rows(str(tmp_path)) if r.get("kfac/time_total_ms")]
     last = rows[-1]
     for layer in ("conv", "fc", "head"):
         assert float(last[f"kfac/{layer}/trace_A"]) > 0 and float(last[f"kfac/{layer}/trace_G"]) > 0
@@ -163,7 +180,7 @@ def test_summary_for_two_ranks_shows_owners_and_per_rank_memory():
     pre.world_size = 2  # as rank 0 of 2 would see it; prospective_plan needs no process group
     plan = pre.prospective_plan()
     text = fit_summary(pre, {"damping": 1e-3, "kl_clip": None})
-    assert "world size 2, MEM-OPT (1 gradient worker(s) per layer)" in text
+    assert "2 ranks, MEM-OPT: 1 gradient worker(s) per layer" in text
     assert "damping=0.001, kl_clip=None" in text
     for name, layer in pre.layers.items():
         (line,) = [ln for ln in text.splitlines() if ln.split()[:1] == [name]]
@@ -246,4 +263,5 @@ def test_schedules_are_restored_from_a_weights_only_lightning_checkpoint(tmp_pat
     trainer = _trainer(callbacks=[resumed], max_steps=6)
     _fit(trainer, DigitsClassifier(), datamodule=DigitsDataModule(), ckpt_path=path)
     assert resumed.schedules["damping"] == schedule
-    assert float(trainer.callback_metrics["kfac/damping"]) == pytest.approx(0.01)
+    assert resumed.hyperparameters(trainer.global_step)["damping"] == pytest.approx(0.01)
+    assert "kfac/time_total_ms" in trainer.callback_metrics

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kfac import KFACCallback, KFACDDPStrategy, KFACPreconditioner
+from lightning_kfac.engine.config import KFACConfig
 from lightning_kfac.testing.lightning import (
     EvalProbe,
     SyntheticData,
@@ -240,7 +241,7 @@ def test_bf16_mixed_keeps_factors_and_decompositions_in_float32_and_trains_like_
         def on_train_end(self, trainer, pl_module):
             pre = trainer.strategy.preconditioner
             for name, block in pre.blocks.items():
-                for attr in ("running_a", "running_g", "q_a", "d_a", "q_g", "d_g", "inv_denominator"):
+                for attr in ("running_a", "running_g", *block.decomposition_keys, *block.derived_keys):
                     value = getattr(block, attr)
                     if value is not None:
                         dtypes[f"{name}.{attr}"] = value.dtype
@@ -250,7 +251,9 @@ def test_bf16_mixed_keeps_factors_and_decompositions_in_float32_and_trains_like_
     ratio = loss16 / loss32
     print(f"bf16-mixed: final loss {loss16:.5f} vs 32-bit {loss32:.5f} (ratio {ratio:.4f})")
     assert abs(ratio - 1) <= 0.05
-    assert len(dtypes) == 3 * 7 and set(dtypes.values()) == {torch.float32}, dtypes
+    block_class = KFACConfig().block_class
+    per_layer = 2 + len(block_class.decomposition_keys) + len(block_class.derived_keys)
+    assert len(dtypes) == 3 * per_layer and set(dtypes.values()) == {torch.float32}, dtypes
     # the first step's factors (same parameters, same batch) match 32-bit to bf16 accuracy
     # (measured: 2.5e-3 at worst)
     errors = {key: rel(model16.factors[0][key], value) for key, value in baseline["factors"].items()}
@@ -333,7 +336,8 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path, clean_process_grou
     assert kfac["has_factors"] and kfac["has_inverse"]
     damping = kfac["inverse_damping"]  # one value, or one per layer
     assert all(v == pytest.approx(1e-2) for v in (damping.values() if isinstance(damping, dict) else [damping]))
-    assert all({"running_a", "running_g", "q_a", "d_a", "q_g", "d_g"} <= set(v) for v in kfac["layers"].values())
+    decomposed = {"running_a", "running_g", *KFACConfig().block_class.decomposition_keys}
+    assert all(decomposed <= set(v) for v in kfac["layers"].values())
     assert any(key.startswith("KFACCallback") for key in saved["callbacks"])
 
     resumed, resumed_state = _resume_run(tmp_path / "b", ckpt_path=str(ckpt))
@@ -506,7 +510,9 @@ def test_lightning_pytorch_namespace(clean_process_group):
     model = LNet()
     trainer = L.Trainer(
         strategy="kfac_ddp",
-        callbacks=[bound.KFACCallback(damping=1e-2, inv_update_freq=1, factor_decay=0.0, kl_clip=None)],
+        callbacks=[
+            bound.KFACCallback(damping=1e-2, inv_update_freq=1, factor_update_freq=1, factor_decay=0.0, kl_clip=None)
+        ],
         **common,
     )
     assert isinstance(trainer.strategy, bound.KFACDDPStrategy)
@@ -519,6 +525,10 @@ def test_lightning_pytorch_namespace(clean_process_group):
     trainer = L.Trainer(strategy=bound.KFACDDPStrategy(), **common)
     trainer.fit(LNet(), loader)
     assert sum(isinstance(cb, bound.KFACCallback) for cb in trainer.callbacks) == 1
-    # a pytorch_lightning strategy object is refused by the other namespace's Trainer
-    with pytest.raises(Exception, match="strategy"):
+    # a strategy object of the other namespace is refused, and the error names the one that fits
+    with pytest.raises(
+        ValueError, match=r"in lightning\.pytorch's Trainer use lightning_kfac\.lightning_pytorch\.KFACDDPStrategy"
+    ):
         L.Trainer(strategy=KFACDDPStrategy(), **common)
+    with pytest.raises(ValueError, match=r"in pytorch_lightning's Trainer use lightning_kfac\.KFACDDPStrategy"):
+        pl.Trainer(strategy=bound.KFACDDPStrategy(), **common)

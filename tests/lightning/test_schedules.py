@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_kfac.callback import KFACCallback
+from lightning_kfac.engine import hyperparameters as rules
 from lightning_kfac.schedules import (
     Constant,
     Cosine,
@@ -296,7 +297,7 @@ kfac:
     cb.bind_steps_per_epoch(10)
     assert cb.hyperparameters(500) == {
         "damping": pytest.approx(0.0015),
-        "factor_update_freq": 1,
+        "factor_update_freq": rules.DEFAULTS["factor_update_freq"],
         "inv_update_freq": 28,
         "factor_decay": 0.9,
         "kl_clip": None,
