@@ -122,8 +122,9 @@ def test_running_factors_average_exactly_the_steps_of_the_interval(interval, ste
                 expected_a = decay * expected_a + (1 - decay) * a
                 expected_g = decay * expected_g + (1 - decay) * g
         running_a, running_g = pre.factors()[""]
-        assert _relative_error(running_a, expected_a) <= 1e-12, f"A after step {step}"
-        assert _relative_error(running_g, expected_g) <= 1e-12, f"G after step {step}"
+        for side, running, expected in (("A", running_a, expected_a), ("G", running_g, expected_g)):
+            error = _relative_error(running, expected)
+            assert error <= 1e-12, f"{side} after step {step} ({updates} updates due): relative error {error:.3g}"
     meta = pre.state_dict()["layer_meta"][""]
     assert (meta["a_updates"], meta["g_updates"]) == (updates, updates) == (math.ceil(steps / interval),) * 2
 

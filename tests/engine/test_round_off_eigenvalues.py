@@ -156,6 +156,8 @@ def test_factored_denominator_counts_negative_eigenvalues_as_zero():
     gamma_a, gamma_g = pi * math.sqrt(DAMPING), math.sqrt(DAMPING) / pi
     assert float(d_a.min()) + gamma_a < 0  # unguarded, that damped eigenvalue of A is negative
     denominator = 1.0 / curvature.factored_eigen_inverse_denominator(d_g, d_a, DAMPING)
-    expected = torch.tensor([[(g + gamma_g) * (a + gamma_a) for a in clamped_a] for g in clamped_g], dtype=torch.float64)
+    expected = torch.tensor(
+        [[(g + gamma_g) * (a + gamma_a) for a in clamped_a] for g in clamped_g], dtype=torch.float64
+    )
     assert float(denominator.min()) >= gamma_a * gamma_g
     assert _relative_error(denominator, expected) <= 1e-14
