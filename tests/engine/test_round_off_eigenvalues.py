@@ -45,8 +45,10 @@ def _grad_matrix(layer: nn.Linear) -> torch.Tensor:
     return torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1).double()
 
 
-def _wide_layer_step(seed: int, pre_kwargs: dict) -> tuple[nn.Linear, KFACPreconditioner, torch.Tensor]:
-    """One step of exact-damped eigen K-FAC on a small batch through a wide layer. Factors in
+def _wide_layer_step(
+    seed: int, damping_mode: str = "exact", **pre_kwargs: int
+) -> tuple[nn.Linear, KFACPreconditioner, torch.Tensor]:
+    """One step of eigen K-FAC on a small batch through a wide layer. Factors in
     float32 (their round-off is the point), decompositions in float64 (so that the eigenvalues the
     engine sees are those of the factors it holds, and the oracle can match them to 1e-6).
     Returns the layer (V' in its gradients), the preconditioner and V."""
@@ -57,7 +59,7 @@ def _wide_layer_step(seed: int, pre_kwargs: dict) -> tuple[nn.Linear, KFACPrecon
         damping=DAMPING,
         kl_clip=None,
         inverse_method="eigen",
-        damping_mode="exact",
+        damping_mode=damping_mode,
         inverse_dtype=torch.float64,
         **pre_kwargs,
     )
@@ -77,7 +79,7 @@ def _unguarded_smallest_denominator(a: torch.Tensor, g: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_small_batch_through_a_wide_layer_with_small_exact_damping_equals_the_psd_solve(seed):
-    layer, pre, v = _wide_layer_step(seed, {})
+    layer, pre, v = _wide_layer_step(seed)
     running_a, running_g = pre.factors()[""]
     assert running_a.dtype == torch.float32
     # the case reaches it: without a clamp some d_G d_A + lambda is negative
@@ -92,7 +94,7 @@ def test_small_batch_through_a_wide_layer_with_small_exact_damping_equals_the_ps
 @pytest.mark.parametrize("seed", [0, 1])
 def test_decompositions_of_rank_deficient_factors_hold_the_clamped_eigenvalues(seed):
     # what the engine keeps (and checkpoints, and broadcasts) is the PSD projection of the factor
-    _, pre, _ = _wide_layer_step(seed, {})
+    _, pre, _ = _wide_layer_step(seed)
     running_a, running_g = pre.factors()[""]
     saved = pre.state_dict()["layers"][""]
     for side, factor in (("a", running_a), ("g", running_g)):
@@ -104,14 +106,19 @@ def test_decompositions_of_rank_deficient_factors_hold_the_clamped_eigenvalues(s
         assert _relative_error(q @ torch.diag(d) @ q.T, _psd_projection(factor)) <= 1e-12
 
 
-def test_a_loaded_decomposition_with_negative_eigenvalues_still_preconditions_with_the_psd_factors():
+@pytest.mark.parametrize("damping_mode", ["exact"])
+def test_a_loaded_decomposition_with_negative_eigenvalues_still_preconditions_with_the_psd_factors(damping_mode):
     # eigenvalues that never passed the clamp after eigh (a state written by hand, or by a build
-    # without the clamp): the denominators' guard counts them as zero
-    layer, pre, _ = _wide_layer_step(0, {"factor_update_freq": 100, "inv_update_freq": 100})
+    # without the clamp): the denominators' guard counts them as zero. A's smallest is set to
+    # the round-off of bfloat16 factors, -2.5e-3 times its largest: far below gamma_A = pi
+    # sqrt(lambda), so that factored damping would flip sign there too
+    layer, pre, _ = _wide_layer_step(0, damping_mode, factor_update_freq=100, inv_update_freq=100)
     running_a, running_g = pre.factors()[""]
     state = pre.state_dict()
     for side, factor in (("a", running_a), ("g", running_g)):
         d, q = torch.linalg.eigh(factor.double())
+        if side == "a":
+            d[0] = -2.5e-3 * float(d[-1])
         state["layers"][""][f"d_{side}"], state["layers"][""][f"q_{side}"] = d, q
     pre.load_state_dict(state)
     layer.zero_grad()
@@ -121,7 +128,7 @@ def test_a_loaded_decomposition_with_negative_eigenvalues_still_preconditions_wi
     pre.step()  # step 1: neither factors nor decompositions are due, the loaded ones precondition
     assert torch.equal(pre.factors()[""][1], running_g)  # (no factor update happened)
     out = _grad_matrix(layer)
-    expected = damped_kronecker_solve(_psd_projection(running_a), _psd_projection(running_g), v, DAMPING, "exact")
+    expected = damped_kronecker_solve(_psd_projection(running_a), _psd_projection(running_g), v, DAMPING, damping_mode)
     assert bool(torch.isfinite(out).all())
     assert float((out * v).sum()) > 0
     assert _relative_error(out, expected) <= 1e-6
