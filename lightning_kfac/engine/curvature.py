@@ -23,6 +23,7 @@ __all__ = [
     "eigen_decompose",
     "eigen_inverse_denominator",
     "eigen_precondition",
+    "factored_eigen_inverse_denominator",
     "inner",
     "intra_op_threads",
     "kl_clip_scale",
@@ -91,8 +92,31 @@ def eigen_decompose(factor: Tensor, dtype: torch.dtype) -> tuple[Tensor | None, 
 
 
 def eigen_inverse_denominator(d_g: Tensor, d_a: Tensor, damping: float) -> Tensor:
-    """1 / (d_G d_A^T + lambda): precomputed once per inversion, used every step."""
-    return torch.outer(d_g, d_a).add_(damping).reciprocal_()
+    """1 / (d_G d_A^T + lambda): precomputed once per inversion, used every step.
+
+    Eigenvalues below zero count as zero, so that every denominator is at least lambda. A
+    rank-deficient factor (a batch smaller than the layer's width) has eigenvalues that are zero
+    only up to round-off, of either sign; one of them, -eps, times a large eigenvalue of the
+    other factor makes d_G d_A + lambda zero or negative: a step that explodes or points uphill
+    in that direction, which the KL clip (a sum of |<V', V>|) does not see. :func:`eigen_decompose`
+    clamps; this guard holds for eigenvalues that come from elsewhere (a loaded state)."""
+    return torch.outer(_nonnegative(d_g), _nonnegative(d_a)).add_(damping).reciprocal_()
+
+
+def factored_eigen_inverse_denominator(d_g: Tensor, d_a: Tensor, damping: float) -> Tensor:
+    """1 / ((d_G + sqrt(l)/pi)(d_A + pi sqrt(l))^T), pi from the factors' traces (the sums of
+    their eigenvalues): the factored Tikhonov damping in the eigenbases. Eigenvalues below zero
+    count as zero (as in :func:`eigen_inverse_denominator`), so each damped eigenvalue is at
+    least its gamma > 0."""
+    d_g, d_a = _nonnegative(d_g), _nonnegative(d_a)
+    pi = tikhonov_pi(d_a, d_g)
+    root = math.sqrt(damping)
+    return torch.outer((d_g + root / pi).reciprocal(), (d_a + pi * root).reciprocal())
+
+
+def _nonnegative(eigenvalues: Tensor) -> Tensor:
+    # a new tensor: the caller's eigenvalues (kept, checkpointed, broadcast) stay as they are
+    return eigenvalues.clamp(min=0.0)
 
 
 def eigen_precondition(grad: Tensor, q_a: Tensor | None, q_g: Tensor, inv_denominator: Tensor) -> Tensor:

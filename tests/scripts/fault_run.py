@@ -7,18 +7,21 @@ On its first attempt (TORCHELASTIC_RESTART_COUNT=0) rank 1 writes its process id
 ``DIR/victim.pid`` when it reaches optimizer step S and waits to be killed. A restarted attempt
 resumes from the newest epoch checkpoint in ``DIR/ckpt``. Each rank writes its final parameters
 and K-FAC state to ``DIR/final-rank<R>.pt`` and the checkpoint it resumed from to
-``DIR/resumed-from.txt``.
+``DIR/resumed-from.txt``. A rank that finished ends its process groups before it exits
+(:func:`end_process_groups`).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import os
 import time
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 
 from lightning_kfac.testing.lightning import FinalState, flat_params, multi_run
 
@@ -77,5 +80,41 @@ def main() -> None:
     )
 
 
+def gloo_worker_threads() -> int:
+    """Worker threads of gloo process groups alive in this process (Linux; 0 elsewhere)."""
+    if not os.path.isdir("/proc/self/task"):
+        return 0
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as f:
+            count += f.read().strip() == "pt_gloo_runloop"
+    return count
+
+
+def end_process_groups() -> None:
+    """Destroy every process group, and with them gloo's worker threads, while the interpreter is
+    still whole.
+
+    A gloo worker frees the collective it ran (and the tensors it held) only after waking the
+    rank that waits for it. If the interpreter is finalizing by then, freeing a tensor made in
+    Python needs the GIL; Python ends the thread instead (pthread_exit), the unwinding meets
+    C++ code that must not throw, and the rank aborts with "terminate called without an active
+    exception" after a run that succeeded. Under load that worker can lag long enough.
+    Destroying a group joins its workers only once nothing else holds it, and the trainer (DDP's
+    reducer, K-FAC's exchange) sits in reference cycles: hence the collection first. Only after
+    success: with a rank gone, destroying could wait on work that never finishes.
+    """
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    left = gloo_worker_threads()
+    if left:
+        raise RuntimeError(
+            f"{left} gloo worker threads outlive the destroyed process groups: something still holds a "
+            "group, and this rank may abort at exit"
+        )
+
+
 if __name__ == "__main__":
     main()
+    end_process_groups()
