@@ -76,8 +76,13 @@ def test_strict_mode_fails_on_what_breaks_the_site(breakage, tmp_path):
         assert text in build.output, f"{text!r} not reported:\n{build.output[-4000:]}"
 
 
+def _html(site: str, page: str) -> str:
+    """The built file of a page (mkdocs.yml: use_directory_urls is off)."""
+    return os.path.join(site, page.removesuffix(".md") + ".html")
+
+
 def _page_words(site: str, page: str) -> list[str]:
-    with open(os.path.join(site, page, "index.html")) as f:
+    with open(_html(site, page)) as f:
         text = re.sub(r"<[^>]+>", " ", f.read())
     return re.findall(r"\w+", html.unescape(text))
 
@@ -107,14 +112,14 @@ def test_the_api_reference_shows_every_public_name_with_its_docstring(built_site
     reference = sorted(p for p in pages.nav_pages() if p.startswith("reference/"))
     rendered = {}
     for page in reference:
-        with open(os.path.join(built_site.site, page.removesuffix(".md").removesuffix("index"), "index.html")) as f:
+        with open(_html(built_site.site, page)) as f:
             rendered[page] = f.read()
     for path in [f"lightning_kfac.{name}" for name in public] + ALSO_DOCUMENTED:
         obj = _object(path)
         canonical = f"{obj.__module__}.{obj.__qualname__}"  # type: ignore[attr-defined]
         holders = [p for p, text in rendered.items() if f'id="{path}"' in text or f'id="{canonical}"' in text]
         assert holders, f"{path}: no reference page has its anchor"
-        words = _page_words(built_site.site, holders[0].removesuffix(".md").removesuffix("index"))
+        words = _page_words(built_site.site, holders[0])
         assert _contains(words, _first_paragraph_words(obj)), f"{path}: its docstring is not on {holders[0]}"
 
 
